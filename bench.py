@@ -1,0 +1,106 @@
+"""
+Time one model's training step (forward + backward + AdamW), in the spirit of nanoGPT's bench.py.
+
+    python bench.py --model=tokenizer --batch_size 4 --dtype float32
+    python bench.py --model=tokenizer --batch_size 4 --dtype bfloat16 --compile
+
+Prints ms/step, clips/s and tokens/s, the model FLOPs counted by torch's FlopCounterMode, and the
+model-FLOPs utilisation (MFU) against this machine's measured matmul peak in the same dtype.
+"""
+import argparse
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+
+
+def matmul_peak(dtype: torch.dtype, device: str, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of a large square matmul: the ceiling MFU is measured against."""
+    n = 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    t0, k = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        k += 1
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * k / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--model', default='tokenizer', choices=list(train.MODELS))
+    name = pre.parse_known_args(argv)[0].model
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model', default='tokenizer', choices=list(train.MODELS), help='which model to time')
+    p.add_argument('--batch_size', type=int, default=4, help='clips per step')
+    p.add_argument('--frames', type=int, default=17, help='frames per clip')
+    p.add_argument('--resolution', type=int, default=32, help='square frame size')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'], help='autocast dtype')
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
+    p.add_argument('--device', default='cpu', help='cpu, cuda, ...')
+    p.add_argument('--steps', type=int, default=10, help='timed steps')
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps first (compilation happens here)')
+    cfg_cls, model_cls = train.MODELS[name]
+    train.add_config_flags(p, cfg_cls)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    config = cfg_cls(**train.config_overrides(args, cfg_cls))
+    model = model_cls(config).to(args.device)
+    device_type = 'cuda' if args.device.startswith('cuda') else args.device
+    if device_type == 'cpu':
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = model.configure_optimizers(0.0, 1e-4, (0.9, 0.99), device_type)
+    dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.dtype]
+    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    x = torch.rand(args.batch_size, 3, args.frames, args.resolution, args.resolution, device=args.device) * 2 - 1
+    ids = torch.zeros(args.batch_size, 1, dtype=torch.long, device=args.device)
+    step_model = torch.compile(model) if args.compile else model
+
+    def step():
+        with ctx:
+            loss = train.loss_of(step_model, name, x, ids, None)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as fc:  # forward + backward FLOPs of one step, eager
+        with ctx:
+            loss = train.loss_of(model, name, x, ids, None)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    flops = fc.get_total_flops()
+    for _ in range(args.warmup):
+        step()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    peak = matmul_peak(dtype, args.device)
+    tokens = tokens_per_clip(model, name, x)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f'{name} {n_params / 1e6:.2f}M params, batch {args.batch_size}x{args.frames}x{args.resolution}x{args.resolution}, '
+          f'{args.dtype}, compile {args.compile}, {torch.get_num_threads()} threads')
+    print(f'{dt * 1000:.1f} ms/step, {args.batch_size / dt:.1f} clips/s, {args.batch_size * tokens / dt:.0f} tokens/s '
+          f'({tokens} tokens/clip), {flops / dt / 1e9:.1f} GFLOP/s model, peak matmul {peak / 1e9:.0f} GFLOP/s, '
+          f'MFU {flops / dt / peak * 100:.1f}%')
+    return dict(ms=dt * 1000, clips_per_s=args.batch_size / dt, flops=flops, mfu=flops / dt / peak)
+
+
+def tokens_per_clip(model, name, x) -> int:
+    if name == 'tokenizer':
+        ft, fs = model.config.factors
+        return (1 + (x.shape[2] - 1) // ft) * (x.shape[3] // fs) * (x.shape[4] // fs)
+    raise AssertionError(name)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,101 @@
+"""
+Measure a trained model on the validation split.
+
+    python eval.py --ckpt out/tokenizer/ckpt.pt        # PSNR, SSIM, codebook use, shapes-reader accuracy
+
+Tokenizer: reconstruct --n validation clips and report PSNR and SSIM (mean over clips), the share of
+the codebook in use, and, on shapes data, the share of reconstructions the shapes reader reads back
+with the same four attributes as the original clip.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import prepare_data
+import train
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM per image of float (N, C, H, W) in [0, 1], 11x11 Gaussian window (sigma 1.5), valid region."""
+    g = torch.exp(-(torch.arange(11, dtype=torch.float32) - 5) ** 2 / (2 * 1.5 ** 2))
+    w = (g[:, None] * g[None, :] / g.sum() ** 2).to(a)[None, None].repeat(a.shape[1], 1, 1, 1)
+    blur = lambda x: F.conv2d(x, w, groups=a.shape[1])
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
+
+
+@torch.no_grad()
+def eval_tokenizer(model, ckpt, data_dir: str, n: int, batch_size: int, device: str, dtype: str) -> dict:
+    val = prepare_data.load_split(data_dir, 'val')
+    res = ckpt['data_key']['resolution']
+    n = min(n, len(val['clips']))
+    ctx = torch.autocast(device.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else torch.autocast('cpu', enabled=False)
+    psnr, ssims, used = [], [], torch.zeros(model.codebook_size, dtype=torch.bool)
+    same, valid_orig, t0 = 0, 0, time.time()
+    shapes = val['meta']['dataset'] == 'shapes'
+    for i in range(0, n, batch_size):
+        x, _ = prepare_data.get_batch(val, 0, res, idx=np.arange(i, min(n, i + batch_size)))
+        x = x.to(device)
+        with ctx:
+            codes = model.encode(x)
+            rec = model.decode(codes).float()
+        used[codes.flatten().cpu()] = True
+        a, b = (x + 1) / 2, (rec + 1) / 2
+        mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        psnr += (10 * torch.log10(1 / mse)).tolist()
+        B, C, T, H, W = a.shape
+        frames = lambda v: v.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W)  # (B*T, C, H, W)
+        ssims += ssim(frames(a), frames(b)).view(B, T).mean(1).tolist()
+        if shapes:
+            for o, r in zip(prepare_data.to_uint8(x), prepare_data.to_uint8(rec)):
+                ro, rr = prepare_data.read_clip(o), prepare_data.read_clip(r)
+                valid_orig += ro['valid']
+                same += ro['valid'] and ro == rr
+    out = dict(clips=n, psnr=float(np.mean(psnr)), ssim=float(np.mean(ssims)),
+               codebook_used=int(used.sum()), codebook_size=model.codebook_size,
+               codebook_usage=float(used.float().mean()), seconds=round(time.time() - t0, 1))
+    if shapes:
+        out['reader_accuracy'] = same / max(valid_orig, 1)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--ckpt', required=True, help='checkpoint written by train.py')
+    p.add_argument('--data', default=None, help='dataset directory (default: the one the model was trained on)')
+    p.add_argument('--n', type=int, default=512, help='validation clips to measure')
+    p.add_argument('--batch_size', type=int, default=32, help='clips per forward pass')
+    p.add_argument('--device', default='cpu', help='cpu, cuda, ...')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='autocast dtype for the model')
+    p.add_argument('--json', default=None, help='also write the figures to this JSON file')
+    args = p.parse_args(argv)
+    try:
+        model, ckpt = train.load_model(args.ckpt, args.device)
+        data = args.data or ckpt['args']['data']
+        name = ckpt['model_type']
+        if name == 'tokenizer':
+            out = eval_tokenizer(model, ckpt, data, args.n, args.batch_size, args.device, args.dtype)
+        else:
+            raise train.TrainError(f'eval.py does not measure {name} checkpoints yet')
+    except (train.TrainError, FileNotFoundError) as e:
+        print(f'eval.py: error: {e}', file=sys.stderr)
+        return 2
+    print(f"{name} {args.ckpt} on {data} val: " + ', '.join(
+        f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in out.items()))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,131 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tokenizer import FSQ, LFQ, Tokenizer, TokenizerConfig
+
+TINY = dict(channels=8, ch_mult=(1, 2, 2), levels=(4, 3, 3))
+
+
+def test_fsq_index_code_bijection():
+    q = FSQ((8, 5, 5, 5))
+    assert q.codebook_size == 1000
+    idx = torch.arange(1000)
+    codes = q.indices_to_codes(idx)  # (1000, 4)
+    assert codes.shape == (1000, 4) and codes.abs().max() <= 1
+    _, back, _ = q(torch.atanh(codes.clamp(-0.999, 0.999)).view(1000, 4, 1) * 3)  # far inside each cell
+    z = torch.randn(2, 4, 3, 5, 5) * 3
+    c, i, _ = q(z)
+    assert torch.equal(q.indices_to_codes(i), c)  # index -> code recovers the quantized code exactly
+    assert i.min() >= 0 and i.max() < 1000
+    assert len(torch.unique(q(torch.randn(20000, 4, 1) * 2)[1])) > 900  # all codes reachable
+
+
+def test_fsq_gradient_flows_and_is_fp32_under_autocast():
+    q = FSQ((8, 5, 5, 5))
+    z = torch.randn(2, 4, 3, 4, 4, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        c, _, _ = q(z.bfloat16())
+    assert c.dtype == torch.float32
+    c.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_lfq_codes_and_entropy_loss():
+    q = LFQ(6, entropy_weight=0.1, commit_weight=0.25)
+    z = torch.randn(3, 6, 2, 4, 4, requires_grad=True)
+    c, i, loss = q(z)
+    assert torch.equal(q.indices_to_codes(i), c.detach().sign())
+    assert q.codebook_size == 64 and i.max() < 64
+    loss.backward()
+    assert z.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='16 bits or fewer'):
+        LFQ(20, 0.1, 0.25)
+
+
+@pytest.mark.parametrize('quantizer', ['fsq', 'lfq'])
+def test_shapes_and_image_input(quantizer):
+    m = Tokenizer(TokenizerConfig(**TINY, quantizer=quantizer, lfq_dim=6)).eval()
+    x = torch.rand(2, 3, 17, 32, 32) * 2 - 1
+    codes = m.encode(x)
+    assert codes.shape == (2, 5, 8, 8) and codes.max() < m.codebook_size
+    assert m.decode(codes).shape == (2, 3, 17, 32, 32)
+    img = x[:, :, 0]
+    img_codes = m.encode(img)  # an image is a one-frame video in the same code space
+    assert img_codes.shape == (2, 1, 8, 8) and torch.equal(img_codes[:, 0], codes[:, 0])
+    rec, loss = m(img)
+    assert rec.shape == img.shape and loss.ndim == 0
+
+
+def test_causality():
+    torch.manual_seed(0)
+    m = Tokenizer(TokenizerConfig(**TINY, attn=True, n_head=2)).eval()
+    x = torch.rand(1, 3, 17, 32, 32) * 2 - 1
+    y = x.clone()
+    y[:, :, 9:] = torch.rand_like(y[:, :, 9:])  # change frames 9..16: latent frames 0..2 cover frames 0..8
+    za, zb = m.encode_latents(x), m.encode_latents(y)
+    assert torch.allclose(za[:, :, :3], zb[:, :, :3], atol=1e-5)
+    assert not torch.allclose(za[:, :, 3:], zb[:, :, 3:], atol=1e-3)
+    # and the decoder: latent frames 0..2 alone decide output frames 0..8
+    da, db = m.decode_latents(za), m.decode_latents(torch.cat([za[:, :, :3], zb[:, :, 3:]], 2))
+    assert torch.allclose(da[:, :, :9], db[:, :, :9], atol=1e-5)
+
+
+def test_overfit_one_batch():
+    torch.manual_seed(0)
+    m = Tokenizer(TokenizerConfig(**TINY))
+    x = torch.zeros(2, 3, 5, 16, 16) - 1
+    x[:, 0, :, 4:10, 4:10] = 1
+    opt = m.configure_optimizers(0.0, 3e-3, (0.9, 0.99), 'cpu')
+    first = None
+    for _ in range(60):
+        _, loss = m(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or loss.item()
+    assert loss.item() < 0.3 * first
+
+
+def test_gan_step_updates_both_networks():
+    torch.manual_seed(0)
+    m = Tokenizer(TokenizerConfig(**TINY, gan_weight=0.1, disc_channels=8, disc_start=0, gen_start=0))
+    opt = m.configure_optimizers(0.0, 1e-3, (0.5, 0.9), 'cpu')
+    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for _ in range(2):  # the decoder's last layer starts at zero: the encoder moves from the second step on
+        opt.zero_grad()
+        _, loss = m(x, step=0)
+        loss.backward()
+        assert all(p.grad is not None for p in m.parameters())
+        opt.step()
+    moved = {n.split('.')[0] for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert {'encoder', 'decoder', 'disc'} <= moved
+    assert set(m.last_losses) >= {'rec', 'g_adv', 'd'}
+    # before the delayed starts only reconstruction trains, and D still sits in the graph (for DDP)
+    m2 = Tokenizer(TokenizerConfig(**TINY, gan_weight=0.1, disc_channels=8, disc_start=5, gen_start=10))
+    _, loss = m2(x, step=0)
+    loss.backward()
+    assert set(m2.last_losses) == {'rec'} and all(p.grad.abs().sum() == 0 for p in m2.disc.parameters())
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match='down_time'):
+        Tokenizer(TokenizerConfig(ch_mult=(1, 2)))
+    with pytest.raises(ValueError, match="'fsq' or 'lfq'"):
+        Tokenizer(TokenizerConfig(quantizer='vq'))
+    m = Tokenizer(TokenizerConfig(**TINY))
+    with pytest.raises(ValueError, match='1 \\+ 4k'):
+        m.encode(torch.zeros(1, 3, 16, 32, 32))
+
+
+def test_imports_alone(tmp_path):
+    shutil.copy(os.path.join(os.path.dirname(__file__), '..', 'tokenizer.py'), tmp_path)
+    code = 'import tokenizer; m = tokenizer.Tokenizer(tokenizer.TokenizerConfig(channels=8)); print("ok")'
+    r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, 'PYTHONPATH': ''})
+    assert r.stdout.strip() == 'ok', r.stderr

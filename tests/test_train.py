@@ -1,0 +1,107 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prepare_data
+import train
+from conftest import ROOT
+
+TINY = ['--channels', '8', '--levels', '4,3,3', '--batch_size', '2', '--eval_iters', '1', '--dtype', 'float32']
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('data') / 'shapes')
+    prepare_data.prepare(prepare_data.get_args(['--out', out, '--n_train', '32', '--n_val', '8', '--size', '32']))
+    return out
+
+
+def run_train(*argv):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *argv], capture_output=True, text=True)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_cli_end_to_end(data, tmp_path):
+    out = str(tmp_path / 'tok')
+    code, log = run_train('--model=tokenizer', '--data', data, '--out_dir', out, '--max_iters', '4',
+                          '--eval_interval', '2', '--log_interval', '2', *TINY)
+    assert code == 0, log
+    assert 'iter 2 loss' in log and 'val_loss' in log and 'clips_per_s' in log
+    for f in ('ckpt.pt', 'log.jsonl', 'sample_000002.png', 'sample_000004.gif'):
+        assert os.path.exists(os.path.join(out, f)), f
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['model_type'] == 'tokenizer' and ckpt['iter_num'] == 4 and ckpt['config']['channels'] == 8
+    model, _ = train.load_model(os.path.join(out, 'ckpt.pt'))
+    assert model.encode(torch.zeros(1, 3, 17, 32, 32)).shape == (1, 5, 8, 8)
+
+
+def test_exact_resume(data, tmp_path):
+    common = ['--model=tokenizer', '--data', data, '--lr_decay_iters', '6', '--warmup_iters', '2',
+              '--eval_interval', '100', '--log_interval', '100', '--ema', '0.9', *TINY]
+    assert train.main([*common, '--out_dir', str(tmp_path / 'a'), '--max_iters', '6']) == 0
+    assert train.main([*common, '--out_dir', str(tmp_path / 'b'), '--max_iters', '3']) == 0
+    assert train.main([*common, '--out_dir', str(tmp_path / 'b'), '--max_iters', '6', '--resume']) == 0
+    a = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)
+    b = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)
+    assert b['iter_num'] == 6
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+        assert torch.equal(a['ema'][k], b['ema'][k]), k
+
+
+def test_resume_refuses_mismatches(data, tmp_path):
+    out = str(tmp_path / 't')
+    base = ['--model=tokenizer', '--data', data, '--out_dir', out, '--eval_interval', '100', *TINY]
+    assert train.main([*base, '--max_iters', '2']) == 0
+    code, log = run_train(*base, '--max_iters', '4', '--resume', '--channels', '16')
+    assert code == 2 and 'drop --channels' in log and 'Traceback' not in log
+    code, log = run_train(*base, '--max_iters', '4', '--resume', '--resolution', '16')
+    assert code == 2 and 'trained on data' in log
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    ckpt['model_type'] = 'prior'
+    torch.save(ckpt, os.path.join(out, 'ckpt.pt'))
+    code, log = run_train(*base, '--max_iters', '4', '--resume')
+    assert code == 2 and 'is a prior checkpoint' in log
+    code, log = run_train(*base[:-len(TINY)], '--out_dir', str(tmp_path / 'none'), '--resume')
+    assert code == 2 and 'no checkpoint at' in log
+
+
+@pytest.mark.parametrize('flags, words', [
+    (['--batch_size', '0'], '--batch_size must be at least 1'),
+    (['--resolution', '24'], 'must divide the data size'),
+    (['--levels', '1,5'], 'FSQ levels'),
+    (['--quantizer', 'vq'], "'fsq' or 'lfq'"),
+    (['--data', 'nowhere'], 'not a dataset'),
+])
+def test_bad_flags(data, tmp_path, flags, words):
+    code, log = run_train('--model=tokenizer', '--data', data, '--out_dir', str(tmp_path / 'o'), '--max_iters', '1', *flags)
+    assert code == 2 and words in log and 'Traceback' not in log, log
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    out = str(tmp_path / 'n')
+    base = ['--model=tokenizer', '--data', data, '--out_dir', out, '--eval_interval', '100', '--log_interval', '1', *TINY]
+    assert train.main([*base, '--max_iters', '2']) == 0
+    good = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    code, log = run_train(*base, '--max_iters', '6', '--resume', '--lr', '1e30', '--grad_clip', '0')
+    assert code == 2 and 'loss is nan' in log.lower() and 'last good checkpoint' in log
+    after = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert after['iter_num'] == 2 and all(torch.equal(good['model'][k], after['model'][k]) for k in good['model'])
+
+
+def test_ddp_two_processes_match_one(data, tmp_path):
+    common = [f'--data={data}', '--model=tokenizer', '--max_iters', '3', '--eval_interval', '100', '--log_interval', '100',
+              '--channels', '8', '--levels', '4,3,3', '--eval_iters', '1', '--dtype', 'float32', '--warmup_iters', '1']
+    assert train.main([*common, '--out_dir', str(tmp_path / 'one'), '--batch_size', '4']) == 0
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        os.path.join(ROOT, 'train.py'), *common, '--out_dir', str(tmp_path / 'two'), '--batch_size', '2'],
+                       capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'world 2' in r.stdout
+    one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True)['model']
+    two = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)['model']
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k

@@ -1,0 +1,412 @@
+"""
+One training loop for every model, nanoGPT style.
+
+    python train.py --model=tokenizer                                # single process, CPU or GPU
+    torchrun --standalone --nproc_per_node=2 train.py --model=tokenizer   # DDP (Gloo on CPU, NCCL on GPU)
+
+Flags named like a model's config fields (`--channels`, `--levels 8,5,5,5`) set that field; run
+`python train.py --model=tokenizer --help` for the list. Every step's randomness is a function of
+(seed, rank, step), so `--resume` continues exactly where a run stopped.
+"""
+import argparse
+import copy
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import prepare_data
+import tokenizer as tokenizer_lib
+
+MODELS = {  # --model -> (config class, model class)
+    'tokenizer': (tokenizer_lib.TokenizerConfig, tokenizer_lib.Tokenizer),
+}
+DEFAULTS = {  # per-model defaults of the training flags: the small CPU run
+    'tokenizer': dict(batch_size=8, lr=2e-3, max_iters=3000, warmup_iters=100, weight_decay=0.0, eval_interval=500),
+}
+
+
+class TrainError(Exception):
+    """A bad flag, checkpoint or dataset: printed as one line, exit code 2."""
+
+
+# -----------------------------------------------------------------------------
+# flags
+
+def field_help(cls) -> dict[str, str]:
+    """The trailing comment of each dataclass field, used as its --help."""
+    helps = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r'\s+(\w+): [^=]+=.*?#\s*(.*)$', line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_tuple(kind):
+    def parse(text):
+        try:
+            return tuple(kind(v) for v in text.split(',') if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got '{text}'") from None
+    return parse
+
+
+def add_config_flags(p: argparse.ArgumentParser, cfg_cls) -> None:
+    """A flag per config field, named like it; default None means 'the config default'."""
+    g = p.add_argument_group(f'{cfg_cls.__name__} fields (default: the config default)')
+    helps = field_help(cfg_cls)
+    for f in dataclasses.fields(cfg_cls):
+        kind, default = type(f.default), f.default
+        kw = dict(default=None, help=f'{helps.get(f.name, f.name)} (default {default})')
+        if kind is bool:
+            g.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, **kw)
+        elif kind is tuple:
+            g.add_argument(f'--{f.name}', type=parse_tuple(type(default[0])), **kw)
+        else:
+            g.add_argument(f'--{f.name}', type=kind, **kw)
+
+
+def config_overrides(args, cfg_cls) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg_cls) if getattr(args, f.name) is not None}
+
+
+def get_args(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--model', default='tokenizer', choices=list(MODELS))
+    model_name = pre.parse_known_args(argv)[0].model
+    d = DEFAULTS[model_name]
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model', default='tokenizer', choices=list(MODELS), help='which model to train')
+    p.add_argument('--data', default='data/shapes', help='dataset directory written by prepare_data.py')
+    p.add_argument('--out_dir', default=None, help='where checkpoints, logs and samples go (default out/<model>)')
+    p.add_argument('--resolution', type=int, default=32, help='train at this square size (area-downsampled); 0 = the data size')
+    p.add_argument('--resume', action=argparse.BooleanOptionalAction, default=False, help='continue from <out_dir>/ckpt.pt')
+    p.add_argument('--max_iters', type=int, default=d['max_iters'], help='optimizer steps in total')
+    p.add_argument('--batch_size', type=int, default=d['batch_size'], help='clips per micro-step per process')
+    p.add_argument('--grad_accum', type=int, default=1, help='micro-steps per optimizer step')
+    p.add_argument('--lr', type=float, default=d['lr'], help='peak learning rate')
+    p.add_argument('--min_lr', type=float, default=None, help='learning rate at the end of the cosine (default lr / 10)')
+    p.add_argument('--warmup_iters', type=int, default=d['warmup_iters'], help='linear warmup steps')
+    p.add_argument('--lr_decay_iters', type=int, default=None, help='cosine decay length (default max_iters)')
+    p.add_argument('--weight_decay', type=float, default=d['weight_decay'], help='AdamW weight decay')
+    p.add_argument('--beta1', type=float, default=0.9, help='AdamW beta1')
+    p.add_argument('--beta2', type=float, default=0.99, help='AdamW beta2')
+    p.add_argument('--grad_clip', type=float, default=1.0, help='clip the gradient norm to this (0 = off)')
+    p.add_argument('--ema', type=float, default=0.0, help='EMA decay of a weight copy used to evaluate and sample (0 = off)')
+    p.add_argument('--device', default='auto', help='auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps')
+    p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
+                   help='autocast dtype; auto = bfloat16 where supported (CPUs too), else float16 on CUDA')
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile (default on CUDA only)')
+    p.add_argument('--seed', type=int, default=1337, help='seed; each step draws from (seed, rank, step)')
+    p.add_argument('--log_interval', type=int, default=50, help='steps between log lines')
+    p.add_argument('--eval_interval', type=int, default=d['eval_interval'], help='steps between validation, samples and checkpoints')
+    p.add_argument('--eval_iters', type=int, default=8, help='batches per validation estimate')
+    cfg_cls = MODELS[model_name][0]
+    add_config_flags(p, cfg_cls)
+    args = p.parse_args(argv)
+    overrides = config_overrides(args, cfg_cls)
+    return args, overrides
+
+
+def check_args(args):
+    for name in ('max_iters', 'batch_size', 'grad_accum', 'log_interval', 'eval_interval', 'eval_iters'):
+        if getattr(args, name) < 1:
+            raise TrainError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    if args.lr <= 0:
+        raise TrainError(f'--lr must be positive, got {args.lr}')
+    if not 0 <= args.ema < 1:
+        raise TrainError(f'--ema must be in [0, 1), got {args.ema}')
+    if args.resolution < 0:
+        raise TrainError(f'--resolution must be 0 (the data size) or positive, got {args.resolution}')
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+def get_lr(it: int, args) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr over lr_decay_iters."""
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / (args.warmup_iters + 1)
+    if it >= args.lr_decay_iters:
+        return args.min_lr
+    ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
+
+
+def seed_of(*parts) -> int:
+    """A seed that is a pure function of its parts (Python's hash() of strings differs between processes)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], 'little') >> 1
+
+
+def data_key(meta: dict, args) -> dict:
+    """What a checkpoint's model depends on in its data: a resumed run must match it."""
+    return dict(frames=meta['frames'], resolution=args.resolution or meta['size'],
+                text=(meta['text']['name'], meta['text']['vocab_size'], meta['text_len']))
+
+
+def save_checkpoint(path: str, ckpt: dict) -> None:
+    """Write to a temporary file, then rename: a kill mid-save never destroys the last good checkpoint."""
+    tmp = path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        raise TrainError(f'no checkpoint at {path}; train one with python train.py --model=... --out_dir '
+                         f'{os.path.dirname(path) or "."} (or drop --resume to start from scratch)')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise TrainError(f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})') from None
+
+
+def load_model(path: str, device: str = 'cpu', use_ema: bool = True):
+    """A trained model from its checkpoint (EMA weights when the run kept them), in eval mode, and the checkpoint."""
+    ckpt = load_checkpoint(path)
+    name = ckpt.get('model_type')
+    if name not in MODELS:
+        raise TrainError(f'{path} holds no model this repo knows (model_type {name!r})')
+    cfg_cls, model_cls = MODELS[name]
+    model = model_cls(cfg_cls(**ckpt['config']))
+    model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model'])
+    return model.to(device).eval(), ckpt
+
+
+def loss_of(model, name: str, x, ids, step):
+    """The one place that knows how each model is fed."""
+    if name == 'tokenizer':
+        return model(x, step=step)[1]
+    raise AssertionError(name)
+
+
+@torch.no_grad()
+def visualize(model, name: str, x, ids, path: str, fps: float):
+    """Write what a person should look at: tokenizer reconstructions under their originals."""
+    if name == 'tokenizer':
+        rec = model.decode(model.encode(x))
+        videos = prepare_data.to_uint8(torch.cat([x, rec]))
+        n = len(x)
+        sheet = prepare_data.contact_sheet(videos[[i // 2 + (i % 2) * n for i in range(2 * n)]])
+        import imageio.v3 as iio
+        iio.imwrite(path + '.png', sheet)
+        prepare_data.write_video(path + '.gif', videos[n], fps, scale=4)
+
+
+def train(args, overrides):
+    check_args(args)
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if ddp:
+        backend = 'nccl' if torch.cuda.is_available() and args.device in ('auto', 'cuda') else 'gloo'
+        dist.init_process_group(backend=backend)
+        rank, local_rank, world = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+        device = f'cuda:{local_rank}' if backend == 'nccl' else 'cpu'
+        if backend == 'nccl':
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = args.device
+        if device == 'auto':
+            device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    master = rank == 0
+    device_type = 'cuda' if device.startswith('cuda') else device
+    if args.dtype == 'auto':
+        args.dtype = 'bfloat16' if device_type == 'cpu' or (device_type == 'cuda' and torch.cuda.is_bf16_supported()) \
+            else 'float16' if device_type == 'cuda' else 'float32'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.dtype]
+    ctx = nullcontext() if args.dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.compile is None:
+        args.compile = device_type == 'cuda'
+    args.out_dir = args.out_dir or os.path.join('out', args.model)
+    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    args.lr_decay_iters = args.max_iters if args.lr_decay_iters is None else args.lr_decay_iters
+
+    # data
+    try:
+        train_data = prepare_data.load_split(args.data, 'train')
+        val_data = prepare_data.load_split(args.data, 'val')
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainError(str(e)) from None
+    meta = train_data['meta']
+    res = args.resolution or meta['size']
+    if meta['size'] % res:
+        raise TrainError(f"--resolution {res} must divide the data size {meta['size']}")
+    if len(train_data['clips']) == 0:
+        raise TrainError(f'{args.data} has an empty train split')
+
+    # model, from scratch or from the checkpoint
+    cfg_cls, model_cls = MODELS[args.model]
+    ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt is not None:
+        if ckpt.get('model_type') != args.model:
+            raise TrainError(f"{ckpt_path} is a {ckpt.get('model_type')} checkpoint, not a {args.model}; "
+                             'use another --out_dir or --model')
+        if ckpt['data_key'] != data_key(meta, args):
+            raise TrainError(f"{ckpt_path} was trained on data {ckpt['data_key']}, but --data {args.data} "
+                             f'--resolution {res} gives {data_key(meta, args)}')
+        changed = {k: v for k, v in overrides.items() if ckpt['config'].get(k) != v}
+        if changed:
+            raise TrainError(f'--resume keeps the model config of the checkpoint; drop {", ".join("--" + k for k in changed)}')
+        config = cfg_cls(**ckpt['config'])
+    else:
+        config = cfg_cls(**overrides)
+    torch.manual_seed(args.seed)  # the initial weights (DDP then broadcasts rank 0's)
+    try:
+        model = model_cls(config)
+        if hasattr(model, 'check_input'):
+            model.check_input(torch.empty(1, 3, meta['frames'], res, res, device='meta'))
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+    elif hasattr(model, 'init_from_data'):  # data-dependent init (DDP then copies rank 0's weights to all)
+        g = torch.Generator().manual_seed(args.seed)
+        model.init_from_data(prepare_data.get_batch(train_data, 64, res, generator=g)[0])
+    model.to(device)
+    if device_type == 'cpu':  # oneDNN's 3D convolutions run faster channels-last
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2), device_type)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    ema = None
+    if args.ema > 0:
+        ema = copy.deepcopy(model).requires_grad_(False)
+        if ckpt is not None and ckpt.get('ema') is not None:
+            ema.load_state_dict(ckpt['ema'])
+    scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == 'float16')
+    start_iter = ckpt['iter_num'] if ckpt is not None else 0
+    best_val = ckpt['best_val_loss'] if ckpt is not None else float('inf')
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f'{args.model}: {n_params / 1e6:.2f}M parameters, config {dataclasses.asdict(config)}')
+        print(f'training: {vars(args)}')
+        print(f'device {device}, dtype {args.dtype}, compile {args.compile}, world {world}, '
+              f'{args.batch_size * args.grad_accum * world} clips per step, from step {start_iter}')
+    log_path = os.path.join(args.out_dir, 'log.jsonl')
+
+    def log(rec):
+        print(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()), flush=True)
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(rec) + '\n')
+
+    def batch(split_data, step, micro, which):
+        """This rank's slice of the global batch of (step, micro-step): a pure function of the seed, so a
+        resumed run draws the same clips, and N processes draw what one process with N times the batch would."""
+        g = torch.Generator().manual_seed(seed_of(args.seed, which, step, micro))
+        idx = torch.randint(len(split_data['clips']), (args.batch_size * world,), generator=g)
+        x, ids = prepare_data.get_batch(split_data, 0, res, idx=idx[rank * args.batch_size:(rank + 1) * args.batch_size])
+        return x.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+
+    @torch.no_grad()
+    def evaluate(eval_model):
+        eval_model.eval()
+        out = {}
+        for name, data in (('train', train_data), ('val', val_data)):
+            if len(data['clips']) == 0:
+                continue
+            losses = []
+            for k in range(args.eval_iters):
+                torch.manual_seed(args.seed + k)
+                x, ids = batch(data, -1, k, 'eval')  # the same batches at every evaluation
+                with ctx:
+                    losses.append(loss_of(eval_model, args.model, x, ids, None).item())
+            out[name] = sum(losses) / len(losses)
+        eval_model.train()
+        return out
+
+    def checkpoint(it):
+        return dict(model_type=args.model, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                    ema=ema.state_dict() if ema is not None else None, config=dataclasses.asdict(config),
+                    args=vars(args), iter_num=it, best_val_loss=best_val, data_meta=meta, data_key=data_key(meta, args))
+
+    def eval_and_save(it):
+        nonlocal best_val
+        eval_model = ema if ema is not None else raw_model
+        losses = evaluate(eval_model)
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise TrainError(f'validation loss is {losses} at step {it}; the last good checkpoint is {ckpt_path}')
+        best_val = min(best_val, losses.get('val', float('inf')))
+        log(dict(iter=it, train_loss=losses.get('train'), val_loss=losses.get('val'), best_val_loss=best_val))
+        save_checkpoint(ckpt_path, checkpoint(it))
+        x, ids = batch(val_data if len(val_data['clips']) else train_data, -1, 0, 'sample')
+        visualize(eval_model, args.model, x[:4], ids[:4], os.path.join(args.out_dir, f'sample_{it:06d}'), meta['fps'])
+
+    t0 = time.time()
+    it = start_iter
+    while it < args.max_iters:
+        if it % args.eval_interval == 0 and it > start_iter and master:
+            eval_and_save(it)
+        lr = get_lr(it, args)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        torch.manual_seed(seed_of(args.seed, 'model', it, rank))  # dropout, masks, noise of this step
+        for micro in range(args.grad_accum):
+            if ddp:  # sync gradients on the last micro-step only
+                model.require_backward_grad_sync = micro == args.grad_accum - 1
+            x, ids = batch(train_data, it, micro, 'train')
+            with ctx:
+                loss = loss_of(model, args.model, x, ids, it) / args.grad_accum
+            scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), raw_model.parameters()):
+                    pe.lerp_(pm, 1 - args.ema)
+        it += 1
+        if it % args.log_interval == 0 and master:
+            lossf = loss.item() * args.grad_accum
+            if not math.isfinite(lossf):
+                raise TrainError(f'loss is {lossf} at step {it}; stopped. The last good checkpoint is {ckpt_path} '
+                                 '(try a lower --lr or --dtype float32)')
+            dt = (time.time() - t0) / args.log_interval
+            t0 = time.time()
+            clips = args.batch_size * args.grad_accum * world
+            extra = {k: round(v.item(), 5) for k, v in getattr(raw_model, 'last_losses', {}).items()}
+            log(dict(iter=it, loss=round(lossf, 5), lr=float(f'{lr:.3e}'), ms=round(dt * 1000, 1),
+                     clips_per_s=round(clips / dt, 1), **extra))
+    if master:
+        eval_and_save(it)
+    if ddp:
+        dist.destroy_process_group()
+    return raw_model
+
+
+def main(argv=None) -> int:
+    args, overrides = get_args(argv)
+    try:
+        train(args, overrides)
+    except TrainError as e:
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
