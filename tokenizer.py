@@ -280,7 +280,7 @@ class Discriminator(nn.Module):
 
 @dataclass
 class TokenizerConfig:
-    channels: int = 64  # width of the first level
+    channels: int = 32  # width of the first level
     ch_mult: tuple = (1, 2, 2)  # width of each level as a multiple of channels
     num_res_blocks: int = 1  # residual blocks per level
     down_space: tuple = (True, False)  # halve H and W between level i and i + 1

@@ -32,7 +32,7 @@ MODELS = {  # --model -> (config class, model class)
     'tokenizer': (tokenizer_lib.TokenizerConfig, tokenizer_lib.Tokenizer),
 }
 DEFAULTS = {  # per-model defaults of the training flags: the small CPU run
-    'tokenizer': dict(batch_size=8, lr=2e-3, max_iters=3000, warmup_iters=100, weight_decay=0.0, eval_interval=500),
+    'tokenizer': dict(batch_size=8, lr=2e-3, max_iters=4000, warmup_iters=100, weight_decay=0.0, eval_interval=500),
 }
 
 

@@ -1,0 +1,41 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import eval as eval_script
+import prepare_data
+import train
+from conftest import ROOT
+
+
+def test_ssim_properties():
+    a = torch.rand(3, 3, 32, 32)
+    assert torch.allclose(eval_script.ssim(a, a), torch.ones(3), atol=1e-5)
+    noisy = (a + 0.2 * torch.randn_like(a)).clamp(0, 1)
+    assert (eval_script.ssim(a, noisy) < 0.9).all()
+
+
+def test_eval_and_bench_cli(tmp_path):
+    data = str(tmp_path / 'shapes')
+    prepare_data.prepare(prepare_data.get_args(['--out', data, '--n_train', '16', '--n_val', '6', '--size', '32']))
+    out = str(tmp_path / 'tok')
+    assert train.main(['--model=tokenizer', '--data', data, '--out_dir', out, '--max_iters', '2', '--channels', '8',
+                       '--batch_size', '2', '--eval_iters', '1', '--eval_interval', '100']) == 0
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), '--ckpt', os.path.join(out, 'ckpt.pt'),
+                        '--n', '5', '--batch_size', '2', '--json', str(tmp_path / 'm.json')], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = json.load(open(tmp_path / 'm.json'))
+    assert m['clips'] == 5 and 0 < m['psnr'] < 60 and 0 <= m['ssim'] <= 1 and 0 <= m['reader_accuracy'] <= 1
+    assert 0 < m['codebook_used'] <= m['codebook_size'] == 1000 and 'psnr' in r.stdout
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), '--ckpt', str(tmp_path / 'none.pt')],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and 'no checkpoint at' in r.stderr and 'Traceback' not in r.stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--channels', '8', '--batch_size', '1',
+                        '--frames', '5', '--resolution', '16', '--steps', '1', '--warmup', '1'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert 'ms/step' in r.stdout and 'clips/s' in r.stdout and 'MFU' in r.stdout and '(32 tokens/clip)' in r.stdout
