@@ -379,7 +379,9 @@ class Tokenizer(nn.Module):
         err = (rec.float() - x.float())
         rec_loss = err.abs().mean() if self.config.recon_loss == 'l1' else err.pow(2).mean()
         loss = rec_loss + qloss
-        self.last_losses = {'rec': rec_loss.detach()}
+        # parts of the loss for the log; kept undetached: under torch.compile, storing a detached copy on
+        # the module made the returned loss lose its gradient (torch 2.13)
+        self.last_losses = {'rec': rec_loss}
         if self.disc is not None and step is not None and torch.is_grad_enabled():
             loss = loss + self.gan_losses(x, rec, rec_loss, step)
         return (rec.squeeze(2) if image else rec), loss
@@ -398,7 +400,7 @@ class Tokenizer(nn.Module):
             g_gan = torch.autograd.grad(g_adv, last, retain_graph=True)[0]
             weight = (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()  # VQGAN's adaptive weight
             loss = loss + c.gan_weight * weight * g_adv
-            self.last_losses['g_adv'] = g_adv.detach()
+            self.last_losses['g_adv'] = g_adv
         if step >= c.disc_start:
             real = real.detach().requires_grad_(c.r1_weight > 0)
             d_real, d_fake = self.disc(real), self.disc(fake.detach())
@@ -410,7 +412,7 @@ class Tokenizer(nn.Module):
                 self.lecam_ema.lerp_(torch.stack([d_real.mean(), d_fake.mean()]).float(), 1 - c.lecam_decay)
             lecam = F.relu(d_real - self.lecam_ema[1]).pow(2).mean() + F.relu(self.lecam_ema[0] - d_fake).pow(2).mean()
             loss = loss + d_loss + c.lecam_weight * lecam
-            self.last_losses['d'] = d_loss.detach()
+            self.last_losses['d'] = d_loss
         return loss
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str,

@@ -105,3 +105,15 @@ def test_ddp_two_processes_match_one(data, tmp_path):
     two = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)['model']
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_ddp_gan_step(data, tmp_path):
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        os.path.join(ROOT, 'train.py'), f'--data={data}', '--model=tokenizer', '--max_iters', '2',
+                        '--out_dir', str(tmp_path / 'gan'), '--gan_weight', '0.1', '--disc_start', '0', '--gen_start', '0',
+                        '--disc_channels', '8', '--log_interval', '1', '--eval_interval', '100', *TINY],
+                       capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'g_adv' in r.stdout and ' d ' in r.stdout
+    ckpt = torch.load(tmp_path / 'gan' / 'ckpt.pt', weights_only=True)
+    assert any(k.startswith('disc.') for k in ckpt['model'])
