@@ -3,6 +3,7 @@ Time one model's training step (forward + backward + AdamW), in the spirit of na
 
     python bench.py --model=tokenizer --batch_size 4 --dtype float32
     python bench.py --model=tokenizer --batch_size 4 --dtype bfloat16 --compile
+    python bench.py --model=prior --mode=ar --batch_size 8 --dtype bfloat16
 
 Prints ms/step, clips/s and tokens/s, the model FLOPs counted by torch's FlopCounterMode, and the
 model-FLOPs utilisation (MFU) against this machine's measured peak (the best of a large matmul and a
@@ -40,10 +41,10 @@ def measured_peak(dtype: torch.dtype, device: str, seconds: float = 1.0) -> floa
 
 
 def main(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument('--model', default='tokenizer', choices=list(train.MODELS))
     name = pre.parse_known_args(argv)[0].model
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument('--model', default='tokenizer', choices=list(train.MODELS), help='which model to time')
     p.add_argument('--batch_size', type=int, default=4, help='clips per step')
     p.add_argument('--frames', type=int, default=17, help='frames per clip')
@@ -65,8 +66,12 @@ def main(argv=None):
     optimizer = model.configure_optimizers(0.0, 1e-4, (0.9, 0.99), device_type)
     dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.dtype]
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
-    x = torch.rand(args.batch_size, 3, args.frames, args.resolution, args.resolution, device=args.device) * 2 - 1
-    ids = torch.zeros(args.batch_size, 1, dtype=torch.long, device=args.device)
+    if name == 'prior':  # codes and caption ids of the model's own sizes
+        x = torch.randint(config.vocab_size, (args.batch_size, *config.grid), device=args.device)
+        ids = torch.randint(config.text_vocab, (args.batch_size, config.text_len), device=args.device)
+    else:
+        x = torch.rand(args.batch_size, 3, args.frames, args.resolution, args.resolution, device=args.device) * 2 - 1
+        ids = torch.zeros(args.batch_size, 1, dtype=torch.long, device=args.device)
     step_model = torch.compile(model) if args.compile else model
 
     def step():
@@ -107,6 +112,8 @@ def tokens_per_clip(model, name, x) -> int:
     if name == 'tokenizer':
         ft, fs = model.config.factors
         return (1 + (x.shape[2] - 1) // ft) * (x.shape[3] // fs) * (x.shape[4] // fs)
+    if name == 'prior':  # text + video tokens through the transformer
+        return model.config.text_len + model.n_video
     raise AssertionError(name)
 
 

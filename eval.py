@@ -2,10 +2,14 @@
 Measure a trained model on the validation split.
 
     python eval.py --ckpt out/tokenizer/ckpt.pt        # PSNR, SSIM, codebook use, shapes-reader accuracy
+    python eval.py --ckpt out/prior/ckpt.pt            # caption accuracy of generated videos (shapes)
 
 Tokenizer: reconstruct --n validation clips and report PSNR and SSIM (mean over clips), the share of
 the codebook in use, and, on shapes data, the share of reconstructions the shapes reader reads back
 with the same four attributes as the original clip.
+Prior: generate --samples_per_prompt videos for each of --n_prompts shapes captions (all 192 by default),
+read them back with the shapes reader, and report per-attribute and all-four accuracy and the invalid
+share, overall and for the combinations the training data held out.
 """
 import argparse
 import json
@@ -68,6 +72,32 @@ def eval_tokenizer(model, ckpt, data_dir: str, n: int, batch_size: int, device: 
     return out
 
 
+@torch.no_grad()
+def eval_prior(model, ckpt, n_prompts: int, per_prompt: int, batch_size: int, device: str, seed: int, **kw) -> dict:
+    import sample
+    meta = ckpt['data_meta']
+    if meta['dataset'] != 'shapes':
+        raise train.TrainError('caption accuracy needs a model trained on shapes data')
+    tok = sample.load_tokenizer(ckpt, device)
+    combos = [dict(zip(prepare_data.ATTRIBUTES, c)) for c in prepare_data.COMBOS]
+    if n_prompts < len(combos):
+        combos = [combos[i] for i in np.random.default_rng(seed).choice(len(combos), n_prompts, replace=False)]
+    holdout = prepare_data.parse_holdout(meta.get('holdout', ''))
+    prompts = [prepare_data.caption(a) for a in combos for _ in range(per_prompt)]
+    text_meta = {**meta['text'], 'text_len': meta['text_len']}
+    videos, g, t0 = [], torch.Generator(device=device).manual_seed(seed), time.time()
+    for i in range(0, len(prompts), batch_size):
+        ids = sample.encode_prompts(prompts[i:i + batch_size], text_meta).to(device)
+        videos.append(prepare_data.to_uint8(tok.decode(model.generate(ids, generator=g, **kw))))
+    videos = np.concatenate(videos)
+    out = {'all_prompts': prepare_data.caption_accuracy(videos, prompts)}
+    if holdout:
+        held = [i for i, p in enumerate(prompts) if prepare_data.is_held_out(prepare_data.parse_caption(p), holdout)]
+        out['held_out'] = prepare_data.caption_accuracy(videos[held], [prompts[i] for i in held])
+    out['seconds_per_video'] = (time.time() - t0) / len(prompts)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--ckpt', required=True, help='checkpoint written by train.py')
@@ -77,6 +107,13 @@ def main(argv=None) -> int:
     p.add_argument('--device', default='cpu', help='cpu, cuda, ...')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='autocast dtype for the model')
     p.add_argument('--json', default=None, help='also write the figures to this JSON file')
+    p.add_argument('--n_prompts', type=int, default=192, help='prior: shapes captions to prompt with (a random subset below 192)')
+    p.add_argument('--samples_per_prompt', type=int, default=2, help='prior: videos per caption')
+    p.add_argument('--cfg', type=float, default=3.0, help='prior: guidance scale')
+    p.add_argument('--temperature', type=float, default=1.0, help='prior: sampling temperature')
+    p.add_argument('--top_k', type=int, default=None, help='prior (ar): top-k')
+    p.add_argument('--steps', type=int, default=12, help='prior (mask): decoding steps')
+    p.add_argument('--seed', type=int, default=0, help='prior: sampling seed')
     args = p.parse_args(argv)
     try:
         model, ckpt = train.load_model(args.ckpt, args.device)
@@ -84,13 +121,20 @@ def main(argv=None) -> int:
         name = ckpt['model_type']
         if name == 'tokenizer':
             out = eval_tokenizer(model, ckpt, data, args.n, args.batch_size, args.device, args.dtype)
+        elif name == 'prior':
+            out = eval_prior(model, ckpt, args.n_prompts, args.samples_per_prompt, args.batch_size, args.device, args.seed,
+                             cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, steps=args.steps)
         else:
             raise train.TrainError(f'eval.py does not measure {name} checkpoints yet')
     except (train.TrainError, FileNotFoundError) as e:
         print(f'eval.py: error: {e}', file=sys.stderr)
         return 2
-    print(f"{name} {args.ckpt} on {data} val: " + ', '.join(
-        f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in out.items()))
+    fmt = lambda d: ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in d.items())
+    if name == 'prior':
+        for k, v in out.items():
+            print(f'{k}: {fmt(v)}' if isinstance(v, dict) else f'{k}: {v:.3g}')
+    else:
+        print(f"{name} {args.ckpt} on {data} val: " + fmt(out))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(out, f, indent=1)

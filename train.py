@@ -21,18 +21,26 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import prepare_data
+import prior as prior_lib
 import tokenizer as tokenizer_lib
 
 MODELS = {  # --model -> (config class, model class)
     'tokenizer': (tokenizer_lib.TokenizerConfig, tokenizer_lib.Tokenizer),
+    'prior': (prior_lib.PriorConfig, prior_lib.Prior),
 }
 DEFAULTS = {  # per-model defaults of the training flags: the small CPU run
     'tokenizer': dict(batch_size=8, lr=2e-3, max_iters=4000, warmup_iters=100, weight_decay=0.0, eval_interval=500),
+    'prior': dict(batch_size=16, lr=1e-3, max_iters=3000, warmup_iters=100, weight_decay=0.1, eval_interval=500),
+}
+DERIVED = {  # config fields that follow from the data and the tokenizer, not from flags
+    'prior': ('vocab_size', 'text_vocab', 'text_len', 'pad_id', 'grid'),
 }
 
 
@@ -62,11 +70,13 @@ def parse_tuple(kind):
     return parse
 
 
-def add_config_flags(p: argparse.ArgumentParser, cfg_cls) -> None:
+def add_config_flags(p: argparse.ArgumentParser, cfg_cls, skip=()) -> None:
     """A flag per config field, named like it; default None means 'the config default'."""
     g = p.add_argument_group(f'{cfg_cls.__name__} fields (default: the config default)')
     helps = field_help(cfg_cls)
     for f in dataclasses.fields(cfg_cls):
+        if f.name in skip:
+            continue
         kind, default = type(f.default), f.default
         kw = dict(default=None, help=f'{helps.get(f.name, f.name)} (default {default})')
         if kind is bool:
@@ -78,20 +88,21 @@ def add_config_flags(p: argparse.ArgumentParser, cfg_cls) -> None:
 
 
 def config_overrides(args, cfg_cls) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg_cls) if getattr(args, f.name) is not None}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg_cls) if getattr(args, f.name, None) is not None}
 
 
 def get_args(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument('--model', default='tokenizer', choices=list(MODELS))
     model_name = pre.parse_known_args(argv)[0].model
     d = DEFAULTS[model_name]
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument('--model', default='tokenizer', choices=list(MODELS), help='which model to train')
     p.add_argument('--data', default='data/shapes', help='dataset directory written by prepare_data.py')
     p.add_argument('--out_dir', default=None, help='where checkpoints, logs and samples go (default out/<model>)')
     p.add_argument('--resolution', type=int, default=32, help='train at this square size (area-downsampled); 0 = the data size')
     p.add_argument('--resume', action=argparse.BooleanOptionalAction, default=False, help='continue from <out_dir>/ckpt.pt')
+    p.add_argument('--tokenizer', default='out/tokenizer/ckpt.pt', help='prior: the tokenizer checkpoint whose codes it models')
     p.add_argument('--max_iters', type=int, default=d['max_iters'], help='optimizer steps in total')
     p.add_argument('--batch_size', type=int, default=d['batch_size'], help='clips per micro-step per process')
     p.add_argument('--grad_accum', type=int, default=1, help='micro-steps per optimizer step')
@@ -113,7 +124,7 @@ def get_args(argv=None):
     p.add_argument('--eval_interval', type=int, default=d['eval_interval'], help='steps between validation, samples and checkpoints')
     p.add_argument('--eval_iters', type=int, default=8, help='batches per validation estimate')
     cfg_cls = MODELS[model_name][0]
-    add_config_flags(p, cfg_cls)
+    add_config_flags(p, cfg_cls, skip=DERIVED.get(model_name, ()))
     args = p.parse_args(argv)
     overrides = config_overrides(args, cfg_cls)
     return args, overrides
@@ -188,20 +199,56 @@ def loss_of(model, name: str, x, ids, step):
     """The one place that knows how each model is fed."""
     if name == 'tokenizer':
         return model(x, step=step)[1]
+    if name == 'prior':  # x holds tokenizer codes (B, t, h, w)
+        return model(ids, x)[1]
     raise AssertionError(name)
 
 
 @torch.no_grad()
-def visualize(model, name: str, x, ids, path: str, fps: float):
-    """Write what a person should look at: tokenizer reconstructions under their originals."""
+def visualize(model, name: str, x, ids, path: str, fps: float, tok=None):
+    """Write what a person should look at: tokenizer reconstructions under their originals, or the prior's
+    samples for validation captions under the clips they came from."""
+    import imageio.v3 as iio
     if name == 'tokenizer':
         rec = model.decode(model.encode(x))
-        videos = prepare_data.to_uint8(torch.cat([x, rec]))
-        n = len(x)
-        sheet = prepare_data.contact_sheet(videos[[i // 2 + (i % 2) * n for i in range(2 * n)]])
-        import imageio.v3 as iio
-        iio.imwrite(path + '.png', sheet)
-        prepare_data.write_video(path + '.gif', videos[n], fps, scale=4)
+    else:
+        rec = tok.decode(model.generate(ids, generator=torch.Generator(device=ids.device).manual_seed(0)))
+        x = tok.decode(x)
+    videos = prepare_data.to_uint8(torch.cat([x, rec]))
+    n = len(x)
+    iio.imwrite(path + '.png', prepare_data.contact_sheet(videos[[i // 2 + (i % 2) * n for i in range(2 * n)]]))
+    prepare_data.write_video(path + '.gif', videos[n], fps, scale=4)
+
+
+def tokenizer_key(tok_ckpt: dict) -> str:
+    """Names a tokenizer's codes cache: a hash of its weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(tok_ckpt['model'].items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def code_split(data: dict, tok, key: str, res: int, device: str, batch_size: int = 32) -> dict:
+    """The split with its clips replaced by the frozen tokenizer's codes, encoded once and cached next to
+    the data as a uint16 memmap (N, t, h, w) named after the tokenizer, so later runs start at once."""
+    clips = data['clips']
+    path = os.path.join(os.path.dirname(clips.filename) if hasattr(clips, 'filename') and clips.filename else '.',
+                        f"{data['split']}_codes_{key}_{res}.u16")
+    ft, fs = tok.config.factors
+    shape = (len(clips), 1 + (clips.shape[1] - 1) // ft, res // fs, res // fs)
+    if tok.codebook_size > 2 ** 16:
+        raise TrainError(f'the tokenizer has {tok.codebook_size} codes; the codes cache holds at most 65536')
+    if not os.path.exists(path):
+        tmp = f'{path}.tmp-{os.getpid()}'
+        mm = np.memmap(tmp, dtype=np.uint16, mode='w+', shape=shape)
+        for i in tqdm(range(0, len(clips), batch_size), desc=f"encode {data['split']}", disable=len(clips) <= batch_size):
+            x, _ = prepare_data.get_batch(data, 0, res, idx=np.arange(i, min(len(clips), i + batch_size)))
+            mm[i:i + len(x)] = tok.encode(x.to(device)).cpu().numpy().astype(np.uint16)
+        mm.flush()
+        del mm
+        os.replace(tmp, path)
+    return dict(data, clips=np.memmap(path, dtype=np.uint16, mode='r', shape=shape))
 
 
 def train(args, overrides):
@@ -248,6 +295,21 @@ def train(args, overrides):
     if len(train_data['clips']) == 0:
         raise TrainError(f'{args.data} has an empty train split')
 
+    # the prior models a frozen tokenizer's codes, encoded once and cached next to the data
+    tok = None
+    if args.model == 'prior':
+        tok, tok_ckpt = load_model(args.tokenizer, device)
+        if tok_ckpt['model_type'] != 'tokenizer':
+            raise TrainError(f"--tokenizer {args.tokenizer} is a {tok_ckpt['model_type']} checkpoint, not a tokenizer")
+        if tok_ckpt['data_key']['resolution'] != res or tok_ckpt['data_key']['frames'] != meta['frames']:
+            raise TrainError(f"--tokenizer {args.tokenizer} was trained on {tok_ckpt['data_key']}, not on "
+                             f"{meta['frames']} frames at --resolution {res}")
+        key = f'{tokenizer_key(tok_ckpt)}_{args.dtype}'
+        with ctx:
+            train_data, val_data = (code_split(d, tok, key, res, device) for d in (train_data, val_data))
+        overrides = dict(overrides, vocab_size=tok.codebook_size, text_vocab=meta['text']['vocab_size'],
+                         text_len=meta['text_len'], pad_id=meta['text']['pad_id'], grid=tuple(train_data['clips'].shape[1:]))
+
     # model, from scratch or from the checkpoint
     cfg_cls, model_cls = MODELS[args.model]
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
@@ -260,6 +322,9 @@ def train(args, overrides):
             raise TrainError(f"{ckpt_path} was trained on data {ckpt['data_key']}, but --data {args.data} "
                              f'--resolution {res} gives {data_key(meta, args)}')
         changed = {k: v for k, v in overrides.items() if ckpt['config'].get(k) != v}
+        if any(k in DERIVED.get(args.model, ()) for k in changed):
+            diff = ', '.join(f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in changed.items())
+            raise TrainError(f'{ckpt_path} was trained with another tokenizer or text vocabulary ({diff})')
         if changed:
             raise TrainError(f'--resume keeps the model config of the checkpoint; drop {", ".join("--" + k for k in changed)}')
         config = cfg_cls(**ckpt['config'])
@@ -316,7 +381,12 @@ def train(args, overrides):
         resumed run draws the same clips, and N processes draw what one process with N times the batch would."""
         g = torch.Generator().manual_seed(seed_of(args.seed, which, step, micro))
         idx = torch.randint(len(split_data['clips']), (args.batch_size * world,), generator=g)
-        x, ids = prepare_data.get_batch(split_data, 0, res, idx=idx[rank * args.batch_size:(rank + 1) * args.batch_size])
+        mine = idx[rank * args.batch_size:(rank + 1) * args.batch_size]
+        if tok is not None:  # the prior trains on cached codes
+            mine = np.sort(mine.numpy())
+            x, ids = torch.from_numpy(split_data['clips'][mine].astype(np.int64)), torch.from_numpy(split_data['ids'][mine].astype(np.int64))
+        else:
+            x, ids = prepare_data.get_batch(split_data, 0, res, idx=mine)
         return x.to(device, non_blocking=True), ids.to(device, non_blocking=True)
 
     @torch.no_grad()
@@ -339,7 +409,8 @@ def train(args, overrides):
     def checkpoint(it):
         return dict(model_type=args.model, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                     ema=ema.state_dict() if ema is not None else None, config=dataclasses.asdict(config),
-                    args=vars(args), iter_num=it, best_val_loss=best_val, data_meta=meta, data_key=data_key(meta, args))
+                    args=vars(args), iter_num=it, best_val_loss=best_val, data_meta=meta, data_key=data_key(meta, args),
+                    tokenizer=None if tok is None else dict(config=dataclasses.asdict(tok.config), model=tok.state_dict()))
 
     def eval_and_save(it):
         nonlocal best_val
@@ -351,7 +422,7 @@ def train(args, overrides):
         log(dict(iter=it, train_loss=losses.get('train'), val_loss=losses.get('val'), best_val_loss=best_val))
         save_checkpoint(ckpt_path, checkpoint(it))
         x, ids = batch(val_data if len(val_data['clips']) else train_data, -1, 0, 'sample')
-        visualize(eval_model, args.model, x[:4], ids[:4], os.path.join(args.out_dir, f'sample_{it:06d}'), meta['fps'])
+        visualize(eval_model, args.model, x[:4], ids[:4], os.path.join(args.out_dir, f'sample_{it:06d}'), meta['fps'], tok)
 
     t0 = time.time()
     it = start_iter

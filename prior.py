@@ -1,0 +1,253 @@
+"""
+One transformer over [text tokens ; video tokens], the video tokens being a video tokenizer's codes.
+
+Two modes, one set of weights and code:
+- ar:   a causal GPT that predicts each video token from the text and the tokens before it
+        (DALL-E, VideoGPT, MUGEN). Sampling uses a KV cache.
+- mask: a bidirectional transformer that predicts masked video tokens (MaskGIT, Phenaki): in training a
+        cosine-scheduled share of the tokens is replaced by a mask token; sampling fills the clip in a
+        few parallel steps, keeping the most confident predictions.
+Both drop the text with a small probability in training, so sampling can use classifier-free guidance.
+Positions are learned and factorised over (time, height, width), so a model trained on t latent frames
+can continue a video through a sliding window of t frames.
+
+References:
+- DALL-E: https://arxiv.org/abs/2102.12092      - VideoGPT: https://arxiv.org/abs/2104.10157
+- MaskGIT: https://arxiv.org/abs/2202.04200     - Phenaki: https://arxiv.org/abs/2210.02399
+- Classifier-free guidance: https://arxiv.org/abs/2207.12598
+
+Shapes: B batch, L text tokens, N = t*h*w video tokens, C channels, V video vocabulary.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Attention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x, causal: bool, cache=None):
+        """cache: a dict holding this layer's past keys and values (sampling); x then holds only new tokens."""
+        B, S, C = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, S, hd)
+        if cache is not None:
+            if 'k' in cache:
+                k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)
+            cache['k'], cache['v'] = k, v
+        # with a cache and one new token, the query may see every key: no mask needed
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] == k.shape[2],
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, S, C))
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(n_embd), Attention(n_embd, n_head, dropout)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(approximate='tanh'), nn.Linear(4 * n_embd, n_embd))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, causal: bool, cache=None):
+        x = x + self.drop(self.attn(self.ln1(x), causal, cache))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+@dataclass
+class PriorConfig:
+    mode: str = 'ar'  # ar (causal GPT) or mask (MaskGIT)
+    vocab_size: int = 1000  # the tokenizer's codebook size
+    text_vocab: int = 512  # text ids are below this
+    text_len: int = 32  # text tokens per caption
+    pad_id: int = 0  # the text pad id; a caption of pads only is the unconditional prompt
+    grid: tuple = (5, 8, 8)  # latent (frames, height, width) of one training clip
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 256
+    dropout: float = 0.0
+    cfg_drop: float = 0.1  # probability of training on the unconditional prompt (for guidance)
+
+
+class Prior(nn.Module):
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        c = config
+        if c.mode not in ('ar', 'mask'):
+            raise ValueError(f"mode must be 'ar' or 'mask', got {c.mode!r}")
+        if c.n_embd % c.n_head:
+            raise ValueError(f'n_embd {c.n_embd} must divide by n_head {c.n_head}')
+        if len(c.grid) != 3:
+            raise ValueError(f'grid is (frames, height, width) of the latent clip, got {c.grid}')
+        self.config = c
+        t, h, w = c.grid
+        self.n_video = t * h * w
+        self.text_emb = nn.Embedding(c.text_vocab, c.n_embd)
+        self.tok_emb = nn.Embedding(c.vocab_size + 1, c.n_embd)  # + the mask token (mask mode)
+        self.text_pos = nn.Parameter(torch.zeros(c.text_len, c.n_embd))
+        self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(torch.zeros(n, c.n_embd)) for n in (t, h, w))
+        self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(('attn.proj.weight', 'mlp.2.weight')):  # GPT-2's scaled residual projections
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.n_layer))
+        for p in (self.text_pos, self.pos_t, self.pos_h, self.pos_w):
+            nn.init.normal_(p, std=0.02)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, 'bias', None) is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def mask_id(self) -> int:
+        return self.config.vocab_size
+
+    def video_pos(self):  # (N, C): positions of one clip's tokens, time-major
+        t, h, w = self.config.grid
+        return (self.pos_t[:, None, None] + self.pos_h[None, :, None] + self.pos_w[None, None, :]).view(t * h * w, -1)
+
+    def embed(self, text, video):
+        """text (B, L) ids, video (B, n) codes (n <= N, the clip's first tokens) -> (B, L + n, C)."""
+        x_text = self.text_emb(text) + self.text_pos[:text.shape[1]]
+        x_video = self.tok_emb(video) + self.video_pos()[:video.shape[1]]
+        return torch.cat([x_text, x_video], 1)
+
+    def drop_text(self, text):
+        """Replace whole captions by the unconditional prompt with probability cfg_drop."""
+        drop = torch.rand(text.shape[0], 1, device=text.device) < self.config.cfg_drop
+        return torch.where(drop, torch.full_like(text, self.config.pad_id), text)
+
+    def check(self, text, codes):
+        c = self.config
+        if text.ndim != 2 or text.shape[1] != c.text_len:
+            raise ValueError(f'text must be (B, {c.text_len}) ids, got {tuple(text.shape)}')
+        if codes.ndim != 4 or tuple(codes.shape[1:]) != tuple(c.grid):
+            raise ValueError(f'codes must be (B, {", ".join(map(str, c.grid))}), got {tuple(codes.shape)}')
+
+    def forward(self, text, codes):
+        """text (B, L) ids and codes (B, t, h, w) -> (logits (B, N, V), cross-entropy loss in fp32).
+        ar: logits[:, i] predicts token i from the text and tokens < i; mask: loss on the masked tokens only."""
+        self.check(text, codes)
+        B, L = text.shape
+        video = codes.reshape(B, -1)  # (B, N) time-major
+        if self.training:
+            text = self.drop_text(text)
+        if self.config.mode == 'ar':
+            x = self.embed(text, video[:, :-1])  # the last token is never an input
+            for block in self.blocks:
+                x = block(x, causal=True)
+            logits = self.head(self.ln_f(x[:, L - 1:]))  # (B, N, V): from the last text token on
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), video.reshape(-1))
+            return logits, loss
+        # mask: a cosine-scheduled share of the tokens (at least one) is hidden
+        n = video.shape[1]
+        ratio = torch.cos(torch.rand(B, 1, device=video.device) * math.pi / 2)
+        k = (ratio * n).ceil().clamp(min=1)
+        rank = torch.rand(B, n, device=video.device).argsort(1).argsort(1)
+        masked = rank < k  # (B, N)
+        x = self.embed(text, torch.where(masked, self.mask_id, video))
+        for block in self.blocks:
+            x = block(x, causal=False)
+        logits = self.head(self.ln_f(x[:, L:]))
+        loss = F.cross_entropy(logits.float()[masked], video[masked])
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str):
+        """AdamW; decay the matrices (and embeddings), not biases, norms or positions."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and not n.startswith(('text_pos', 'pos_'))]
+        ids = {id(p) for p in decay}
+        groups = [{'params': decay, 'weight_decay': weight_decay},
+                  {'params': [p for p in params if id(p) not in ids], 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+
+    def guided(self, logits, cfg: float):
+        """Classifier-free guidance on a doubled batch [conditional ; unconditional]."""
+        cond, uncond = logits.chunk(2)
+        return cond if cfg == 1.0 else uncond + cfg * (cond - uncond)
+
+    @staticmethod
+    def sample_logits(logits, temperature: float, top_k: int | None, top_p: float | None, generator):
+        """(B, V) logits -> (B,) samples; temperature 0 is argmax."""
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -float('inf'))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = logits.sort(-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+            logits = logits.masked_fill(drop.scatter(1, order, drop), -float('inf'))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+    @torch.no_grad()
+    def generate(self, text, prefix=None, cfg: float = 3.0, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, steps: int = 12, generator: torch.Generator | None = None):
+        """Sample one clip of codes (B, t, h, w) for text (B, L). prefix (B, t0, h, w): latent frames that are
+        given (image to video, continuation) and kept. ar: token by token with a KV cache; mask: `steps`
+        parallel decoding steps."""
+        c = self.config
+        B = text.shape[0]
+        t, h, w = c.grid
+        given = 0 if prefix is None else prefix.shape[1] * h * w
+        if prefix is not None and (prefix.shape[0] != B or tuple(prefix.shape[2:]) != (h, w) or prefix.shape[1] > t):
+            raise ValueError(f'prefix must be (B, <= {t}, {h}, {w}) codes, got {tuple(prefix.shape)}')
+        video = torch.zeros(B, self.n_video, dtype=torch.long, device=text.device)
+        if prefix is not None:
+            video[:, :given] = prefix.reshape(B, -1)
+        text2 = torch.cat([text, torch.full_like(text, c.pad_id)])  # [conditional ; unconditional]
+        if c.mode == 'ar':
+            self._generate_ar(text2, video, given, cfg, temperature, top_k, top_p, generator)
+        else:
+            self._generate_mask(text2, video, given, cfg, temperature, steps, generator)
+        return video.view(B, t, h, w)
+
+    def _generate_ar(self, text2, video, given, cfg, temperature, top_k, top_p, generator):
+        caches = [dict() for _ in self.blocks]
+        x = self.embed(text2, torch.cat([video[:, :given]] * 2))  # the prompt: text and given tokens at once
+        for i in range(given, self.n_video):
+            for block, cache in zip(self.blocks, caches):
+                x = block(x, causal=True, cache=cache)
+            logits = self.guided(self.head(self.ln_f(x[:, -1])), cfg)  # (B, V)
+            video[:, i] = self.sample_logits(logits, temperature, top_k, top_p, generator)
+            x = self.tok_emb(torch.cat([video[:, i:i + 1]] * 2)) + self.video_pos()[i:i + 1]  # (2B, 1, C)
+
+    def _generate_mask(self, text2, video, given, cfg, temperature, steps, generator):
+        B, N = video.shape
+        known = torch.zeros(B, N, dtype=torch.bool, device=video.device)
+        known[:, :given] = True
+        n_free = N - given
+        for s in range(steps):
+            x = self.embed(text2, torch.cat([torch.where(known, video, self.mask_id)] * 2))
+            for block in self.blocks:
+                x = block(x, causal=False)
+            logits = self.guided(self.head(self.ln_f(x[:, -N:])), cfg).float()  # (B, N, V)
+            temp = temperature * (1 - s / steps)  # annealed: bold early, greedy late
+            if temp > 0:
+                gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=generator, device=logits.device)
+                                               .clamp(1e-20, 1)))
+                sample = (logits / temp + gumbel).argmax(-1)
+            else:
+                sample = logits.argmax(-1)
+            conf = logits.log_softmax(-1).gather(-1, sample[..., None]).squeeze(-1)
+            conf = conf.masked_fill(known, float('inf'))  # given and kept tokens stay
+            # after step s, cos(pi/2 * (s+1)/steps) of the free tokens are still masked
+            n_masked = int(math.floor(n_free * math.cos(math.pi / 2 * (s + 1) / steps)))
+            video.copy_(torch.where(known, video, sample))
+            remask = torch.zeros_like(known)
+            if n_masked > 0:
+                remask.scatter_(1, conf.topk(n_masked, largest=False).indices, True)
+            known = ~remask

@@ -1,0 +1,107 @@
+"""The prior's path end to end on a tiny run: train.py --model=prior, sample.py, eval.py."""
+import json
+import os
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+import prepare_data
+import train
+from conftest import ROOT
+
+PRIOR = ['--n_layer', '1', '--n_embd', '32', '--n_head', '2', '--batch_size', '4', '--eval_iters', '1', '--dtype', 'float32']
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp('pipe')
+    data = str(d / 'shapes')
+    prepare_data.prepare(prepare_data.get_args(['--out', data, '--n_train', '24', '--n_val', '8', '--size', '32',
+                                                '--holdout', 'green triangle']))
+    assert train.main(['--model=tokenizer', '--data', data, '--out_dir', str(d / 'tok'), '--max_iters', '2',
+                       '--channels', '8', '--batch_size', '2', '--eval_iters', '1', '--eval_interval', '100']) == 0
+    for mode in ('ar', 'mask'):
+        assert train.main(['--model=prior', f'--mode={mode}', '--data', data, '--tokenizer', str(d / 'tok' / 'ckpt.pt'),
+                           '--out_dir', str(d / mode), '--max_iters', '2', '--eval_interval', '100', *PRIOR]) == 0
+    return d
+
+
+def run(script, *argv):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_prior_checkpoint_carries_tokenizer_and_codes_are_cached(run_dir):
+    ckpt = torch.load(run_dir / 'ar' / 'ckpt.pt', weights_only=True)
+    assert ckpt['model_type'] == 'prior' and ckpt['config']['grid'] == (5, 8, 8)
+    assert ckpt['tokenizer']['config']['channels'] == 8 and 'vocab_size' in ckpt['data_meta']['text']
+    caches = [f for f in os.listdir(run_dir / 'shapes') if '_codes_' in f]
+    assert len(caches) == 2  # train and val, encoded once for both modes
+    assert os.path.exists(run_dir / 'ar' / 'sample_000002.png')
+
+
+@pytest.mark.parametrize('mode', ['ar', 'mask'])
+def test_sample_cli(run_dir, mode, tmp_path):
+    out = tmp_path / 's'
+    code, log = run('sample.py', '--ckpt', str(run_dir / mode / 'ckpt.pt'), '--prompt', 'a big red circle moving left',
+                    '--num_samples', '2', '--seed', '1', '--out', str(out), '--steps', '4')
+    assert code == 0, log
+    assert 's per video' in log
+    for f in ('a_big_red_circle_moving_left_0.gif', 'a_big_red_circle_moving_left_1.mp4',
+              'a_big_red_circle_moving_left.png', 'samples.jsonl'):
+        assert os.path.exists(out / f), f
+    v = np.load(out / 'a_big_red_circle_moving_left_0.npy')
+    assert v.shape == (17, 32, 32, 3) and v.dtype == np.uint8
+    rec = [json.loads(ln) for ln in open(out / 'samples.jsonl')]
+    assert len(rec) == 2 and rec[0]['prompt'] == 'a big red circle moving left' and rec[0]['seed'] == 1
+    # the same seed reproduces the same video
+    code, _ = run('sample.py', '--ckpt', str(run_dir / mode / 'ckpt.pt'), '--prompt', 'a big red circle moving left',
+                  '--num_samples', '2', '--seed', '1', '--out', str(tmp_path / 's2'), '--steps', '4', '--no_mp4')
+    assert code == 0 and np.array_equal(v, np.load(tmp_path / 's2' / 'a_big_red_circle_moving_left_0.npy'))
+
+
+def test_long_story_and_image(run_dir, tmp_path):
+    img = tmp_path / 'first.png'
+    iio.imwrite(img, prepare_data.render_shapes(prepare_data.sample_shapes(1, 64, 2, np.random.default_rng(0)), 64)[0, 0])
+    code, log = run('sample.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story',
+                    'a red circle moving left|a red circle moving up', '--frames', '33', '--num_samples', '1',
+                    '--out', str(tmp_path / 'o'), '--no_mp4', '--image', str(img))
+    assert code == 0, log
+    npys = [f for f in os.listdir(tmp_path / 'o') if f.endswith('.npy')]
+    assert len(npys) == 1 and np.load(tmp_path / 'o' / npys[0]).shape == (33, 32, 32, 3)
+    rec = json.loads(open(tmp_path / 'o' / 'samples.jsonl').readline())
+    assert rec['windows'][0] == 'a red circle moving left' and rec['windows'][-1] == 'a red circle moving up'
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--ckpt', 'missing.pt', '--prompt', 'x'], 'train one with python train.py --model=prior'),
+    (['--prompt', '  '], 'empty prompt'),
+    (['--prompt', 'a ' * 40], 'tokens; this model reads at most'),
+    (['--prompt', 'a red ball', '--frames', '20'], '--frames must be 1 + 4k'),
+])
+def test_sample_errors(run_dir, argv, words):
+    if '--ckpt' not in argv:
+        argv = ['--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), *argv]
+    code, log = run('sample.py', *argv, '--out', str(run_dir / 'err'))
+    assert code == 2 and words in log and 'Traceback' not in log, log
+    code, log = run('sample.py', '--ckpt', str(run_dir / 'tok' / 'ckpt.pt'), '--prompt', 'x')
+    assert code == 2 and 'needs a prior' in log
+
+
+def test_eval_prior_cli(run_dir, tmp_path):
+    code, log = run('eval.py', '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--n_prompts', '3',
+                    '--samples_per_prompt', '1', '--steps', '2', '--json', str(tmp_path / 'acc.json'))
+    assert code == 0, log
+    acc = json.load(open(tmp_path / 'acc.json'))
+    assert acc['all_prompts']['n'] == 3 and 0 <= acc['all_prompts']['all'] <= 1
+    assert 'invalid' in acc['all_prompts'] and 'seconds_per_video' in acc
+
+
+def test_prior_without_tokenizer_is_a_clear_error(run_dir, tmp_path):
+    code, log = run('train.py', '--model=prior', '--data', str(run_dir / 'shapes'), '--tokenizer', str(tmp_path / 'no.pt'),
+                    '--out_dir', str(tmp_path / 'p'), '--max_iters', '1')
+    assert code == 2 and 'no checkpoint at' in log and '--model=' in log

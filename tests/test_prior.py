@@ -1,0 +1,100 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prior import Prior, PriorConfig
+
+TINY = dict(vocab_size=30, text_vocab=20, text_len=4, grid=(3, 2, 2), n_layer=2, n_head=2, n_embd=32)
+
+
+def batch(B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 20, (B, 4), generator=g), torch.randint(0, 30, (B, 3, 2, 2), generator=g)
+
+
+def test_ar_is_causal():
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY, cfg_drop=0.0)).eval()
+    text, codes = batch()
+    logits, _ = m(text, codes)
+    changed = codes.clone().view(2, -1)
+    changed[:, 7:] = (changed[:, 7:] + 1) % 30  # change tokens 7.. : logits 0..7 predict tokens 0..7 from < 7
+    logits2, _ = m(text, changed.view_as(codes))
+    assert torch.allclose(logits[:, :8], logits2[:, :8], atol=1e-5)
+    assert not torch.allclose(logits[:, 8:], logits2[:, 8:], atol=1e-3)
+
+
+def test_kv_cache_logits_equal_full_recompute():
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY)).eval()
+    text, _ = batch()
+    codes = m.generate(text, cfg=1.0, temperature=0)  # greedy with the cache
+    full, _ = m(text, codes)  # greedy from the full recompute must pick the same tokens
+    assert torch.equal(full.argmax(-1), codes.view(2, -1))
+
+
+@pytest.mark.parametrize('mode', ['ar', 'mask'])
+def test_guidance_scales(mode):
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY, mode=mode)).eval()
+    text, _ = batch()
+    pads = torch.zeros_like(text)  # pad_id 0: the unconditional prompt
+    greedy = lambda t, cfg: m.generate(t, cfg=cfg, temperature=0, steps=4)
+    # scale 1 is the conditional model alone: the result does not depend on the unconditional half
+    cond = greedy(text, 1.0)
+    if mode == 'ar':
+        assert torch.equal(m(text, cond)[0].argmax(-1), cond.view(2, -1))
+    # scale 0 is the unconditional model alone
+    assert torch.equal(greedy(text, 0.0), greedy(pads, 1.0))
+    assert not torch.equal(greedy(text, 5.0), cond)
+
+
+@pytest.mark.parametrize('mode', ['ar', 'mask'])
+def test_prefix_is_kept_and_every_token_filled(mode):
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY, mode=mode)).eval()
+    text, codes = batch()
+    out = m.generate(text, prefix=codes[:, :1], steps=4, generator=torch.Generator().manual_seed(0))
+    assert out.shape == codes.shape and torch.equal(out[:, :1], codes[:, :1])
+    assert out.min() >= 0 and out.max() < 30  # no mask token left
+
+
+@pytest.mark.parametrize('mode', ['ar', 'mask'])
+def test_overfit_one_batch(mode):
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY, mode=mode, cfg_drop=0.0))
+    text, codes = batch()
+    opt = m.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
+    for i in range(150):
+        _, loss = m(text, codes)
+        first = loss.item() if i == 0 else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+    if mode == 'ar':
+        m.eval()
+        assert torch.equal(m.generate(text, cfg=1.0, temperature=0), codes)  # it learnt both clips by heart
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="'ar' or 'mask'"):
+        Prior(PriorConfig(mode='diffusion'))
+    m = Prior(PriorConfig(**TINY))
+    text, codes = batch()
+    with pytest.raises(ValueError, match='text must be'):
+        m(text[:, :3], codes)
+    with pytest.raises(ValueError, match='codes must be'):
+        m(text, codes[:, :2])
+
+
+def test_imports_alone(tmp_path):
+    shutil.copy(os.path.join(os.path.dirname(__file__), '..', 'prior.py'), tmp_path)
+    code = 'import prior; m = prior.Prior(prior.PriorConfig(n_layer=1)); print("ok")'
+    r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, 'PYTHONPATH': ''})
+    assert r.stdout.strip() == 'ok', r.stderr
