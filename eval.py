@@ -13,7 +13,6 @@ share, overall and for the combinations the training data held out.
 """
 import argparse
 import json
-import math
 import sys
 import time
 

@@ -18,6 +18,7 @@ import re
 import sys
 import time
 
+import imageio.v3 as iio
 import numpy as np
 import torch
 
@@ -55,7 +56,6 @@ def generate_codes(model, ids_per_window: list[torch.Tensor], n_latent: int, con
                    generator=None, **kw) -> torch.Tensor:
     """Latent codes (B, n_latent, h, w): the first window from scratch (or from prefix), then windows that
     keep the last `context` latent frames and add the rest, each with its own prompt ids."""
-    t = model.config.grid[0]
     codes = model.generate(ids_per_window[0], prefix=prefix, generator=generator, **kw)  # (B, t, h, w)
     w = 1
     while codes.shape[1] < n_latent:
@@ -131,41 +131,44 @@ def run(args):
         raise SampleError('give --prompt, --prompts or --story')
     prefix = None
     if args.image:
-        import imageio.v3 as iio
         img = np.asarray(iio.imread(args.image))[..., :3]
         res = ckpt['data_key']['resolution']
         img = prepare_data._resize_crop(img[None], res)  # (1, res, res, 3)
         prefix = tok.encode(prepare_data.to_model(img[None])[:, :, 0].to(args.device))  # (1, 1, h, w)
     os.makedirs(args.out, exist_ok=True)
-    manifest = open(os.path.join(args.out, 'samples.jsonl'), 'a')
     settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
                     frames=frames, context=context, mode=model.config.mode, ckpt=args.ckpt, image=args.image)
-    for pi, prompt in enumerate(prompts):
-        parts = story if (story and pi == len(prompts) - 1) else [prompt]
-        n_win = windows_needed(n_latent, t, context)
-        per_window = [parts[min(k * len(parts) // n_win, len(parts) - 1)] for k in range(n_win)]
-        ids = [encode_prompts([s], {**meta['text'], 'text_len': meta['text_len']}).repeat(args.num_samples, 1).to(args.device)
-               for s in per_window]
-        g = torch.Generator(device=args.device).manual_seed(args.seed + pi)
-        t0 = time.time()
-        codes = generate_codes(model, ids, n_latent, context, None if prefix is None else prefix.repeat(args.num_samples, 1, 1, 1),
-                               generator=g, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, steps=args.steps)
-        videos = prepare_data.to_uint8(tok.decode(codes))  # (n, T, H, W, 3)
-        dt = (time.time() - t0) / args.num_samples
-        name = slug(prompt)
-        for k, v in enumerate(videos):
-            base = os.path.join(args.out, f'{name}_{k}')
-            np.save(base + '.npy', v)
-            prepare_data.write_video(base + '.gif', v, meta['fps'], scale=4)
-            if not args.no_mp4:
-                prepare_data.write_video(base + '.mp4', v, meta['fps'], scale=4)
-            manifest.write(json.dumps(dict(file=base + '.npy', prompt=prompt, windows=per_window, seed=args.seed + pi,
-                                           index=k, **settings)) + '\n')
-        import imageio.v3 as iio
-        iio.imwrite(os.path.join(args.out, f'{name}.png'), prepare_data.contact_sheet(videos))
-        print(f'{prompt!r}: {args.num_samples} videos of {videos.shape[1]} frames, {dt:.2f} s per video -> {args.out}/{name}_*')
-    manifest.close()
+    with open(os.path.join(args.out, 'samples.jsonl'), 'a') as manifest:
+        for pi, prompt in enumerate(prompts):
+            write_prompt(args, model, tok, meta, pi, prompt, story if (story and pi == len(prompts) - 1) else [prompt],
+                         prefix, n_latent, context, settings, manifest)
+
+
+def write_prompt(args, model, tok, meta, pi, prompt, parts, prefix, n_latent, context, settings, manifest):
+    """Generate --num_samples videos for one prompt (or story) and write them."""
+    t = model.config.grid[0]
+    n_win = windows_needed(n_latent, t, context)
+    per_window = [parts[min(k * len(parts) // n_win, len(parts) - 1)] for k in range(n_win)]
+    ids = [encode_prompts([s], {**meta['text'], 'text_len': meta['text_len']}).repeat(args.num_samples, 1).to(args.device)
+           for s in per_window]
+    g = torch.Generator(device=args.device).manual_seed(args.seed + pi)
+    t0 = time.time()
+    codes = generate_codes(model, ids, n_latent, context, None if prefix is None else prefix.repeat(args.num_samples, 1, 1, 1),
+                           generator=g, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, steps=args.steps)
+    videos = prepare_data.to_uint8(tok.decode(codes))  # (n, T, H, W, 3)
+    dt = (time.time() - t0) / args.num_samples
+    name = slug(prompt)
+    for k, v in enumerate(videos):
+        base = os.path.join(args.out, f'{name}_{k}')
+        np.save(base + '.npy', v)
+        prepare_data.write_video(base + '.gif', v, meta['fps'], scale=4)
+        if not args.no_mp4:
+            prepare_data.write_video(base + '.mp4', v, meta['fps'], scale=4)
+        manifest.write(json.dumps(dict(file=base + '.npy', prompt=prompt, windows=per_window, seed=args.seed + pi,
+                                       index=k, **settings)) + '\n')
+    iio.imwrite(os.path.join(args.out, f'{name}.png'), prepare_data.contact_sheet(videos))
+    print(f'{prompt!r}: {args.num_samples} videos of {videos.shape[1]} frames, {dt:.2f} s per video -> {args.out}/{name}_*')
 
 
 if __name__ == '__main__':

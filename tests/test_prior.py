@@ -69,9 +69,9 @@ def test_overfit_one_batch(mode):
     m = Prior(PriorConfig(**TINY, mode=mode, cfg_drop=0.0))
     text, codes = batch()
     opt = m.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
-    for i in range(150):
+    first = m(text, codes)[1].item()
+    for _ in range(150):
         _, loss = m(text, codes)
-        first = loss.item() if i == 0 else first
         opt.zero_grad()
         loss.backward()
         opt.step()
