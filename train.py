@@ -229,16 +229,17 @@ def tokenizer_key(tok_ckpt: dict) -> str:
     return h.hexdigest()[:12]
 
 
-def code_split(data: dict, tok, key: str, res: int, device: str, batch_size: int = 32) -> dict:
+def code_split(data: dict, data_dir: str, tok, key: str, res: int, device: str, batch_size: int = 32) -> dict:
     """The split with its clips replaced by the frozen tokenizer's codes, encoded once and cached next to
     the data as a uint16 memmap (N, t, h, w) named after the tokenizer, so later runs start at once."""
     clips = data['clips']
-    path = os.path.join(os.path.dirname(clips.filename) if hasattr(clips, 'filename') and clips.filename else '.',
-                        f"{data['split']}_codes_{key}_{res}.u16")
+    path = os.path.join(data_dir, f"{data['split']}_codes_{key}_{res}.u16")
     ft, fs = tok.config.factors
     shape = (len(clips), 1 + (clips.shape[1] - 1) // ft, res // fs, res // fs)
     if tok.codebook_size > 2 ** 16:
         raise TrainError(f'the tokenizer has {tok.codebook_size} codes; the codes cache holds at most 65536')
+    if len(clips) == 0:
+        return dict(data, clips=np.zeros(shape, np.uint16))
     if not os.path.exists(path):
         tmp = f'{path}.tmp-{os.getpid()}'
         mm = np.memmap(tmp, dtype=np.uint16, mode='w+', shape=shape)
@@ -305,8 +306,12 @@ def train(args, overrides):
             raise TrainError(f"--tokenizer {args.tokenizer} was trained on {tok_ckpt['data_key']}, not on "
                              f"{meta['frames']} frames at --resolution {res}")
         key = f'{tokenizer_key(tok_ckpt)}_{args.dtype}'
+        if ddp and not master:
+            dist.barrier()  # rank 0 encodes the clips, the others then read its cache
         with ctx:
-            train_data, val_data = (code_split(d, tok, key, res, device) for d in (train_data, val_data))
+            train_data, val_data = (code_split(d, args.data, tok, key, res, device) for d in (train_data, val_data))
+        if ddp and master:
+            dist.barrier()
         overrides = dict(overrides, vocab_size=tok.codebook_size, text_vocab=meta['text']['vocab_size'],
                          text_len=meta['text_len'], pad_id=meta['text']['pad_id'], grid=tuple(train_data['clips'].shape[1:]))
 

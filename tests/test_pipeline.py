@@ -105,3 +105,13 @@ def test_prior_without_tokenizer_is_a_clear_error(run_dir, tmp_path):
     code, log = run('train.py', '--model=prior', '--data', str(run_dir / 'shapes'), '--tokenizer', str(tmp_path / 'no.pt'),
                     '--out_dir', str(tmp_path / 'p'), '--max_iters', '1')
     assert code == 2 and 'no checkpoint at' in log and '--model=' in log
+
+
+def test_prior_under_ddp(run_dir, tmp_path):
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        os.path.join(ROOT, 'train.py'), '--model=prior', '--mode=mask', '--data', str(run_dir / 'shapes'),
+                        '--tokenizer', str(run_dir / 'tok' / 'ckpt.pt'), '--out_dir', str(tmp_path / 'd'),
+                        '--max_iters', '2', '--eval_interval', '100', *PRIOR],
+                       capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'world 2' in r.stdout and torch.load(tmp_path / 'd' / 'ckpt.pt', weights_only=True)['iter_num'] == 2
