@@ -406,7 +406,7 @@ def write_clips(tmp: str, split: str, clips: np.ndarray) -> None:
     mm.flush()
 
 
-def _resize_crop(frames: np.ndarray, size: int) -> np.ndarray:
+def resize_crop(frames: np.ndarray, size: int) -> np.ndarray:
     """Resize (n, h, w, 3) uint8 frames on the short side to `size` (antialiased) and centre-crop to size x size."""
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (n, 3, h, w)
     h, w = x.shape[-2:]
@@ -434,10 +434,10 @@ def read_video(path: str, fps: float, size: int) -> tuple[np.ndarray, float | No
             batch.append(frame[..., :3])
             k += 1
         if len(batch) >= 64:
-            out.append(_resize_crop(np.stack(batch), size))
+            out.append(resize_crop(np.stack(batch), size))
             batch = []
     if batch:
-        out.append(_resize_crop(np.stack(batch), size))
+        out.append(resize_crop(np.stack(batch), size))
     if not out:
         raise ValueError('no frames')
     return np.concatenate(out), src_fps
@@ -681,6 +681,38 @@ def get_batch(data: dict, batch_size: int, resolution: int | None = None,
 
 
 # -----------------------------------------------------------------------------
+# writing videos for people to look at
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def contact_sheet(videos: np.ndarray, scale: int = 2) -> np.ndarray:
+    """uint8 (N, T, H, W, 3) -> one image, a row per video and a column per frame, on a grey grid."""
+    N, T, H, W, _ = videos.shape
+    sheet = np.full((N * (H + 1) + 1, T * (W + 1) + 1, 3), 64, np.uint8)
+    for i in range(N):
+        for t in range(T):
+            sheet[1 + i * (H + 1):(i + 1) * (H + 1), 1 + t * (W + 1):(t + 1) * (W + 1)] = videos[i, t]
+    return np.kron(sheet, np.ones((scale, scale, 1), np.uint8))
+
+
+def write_video(path: str, frames: np.ndarray, fps: float, scale: int = 1) -> None:
+    """uint8 (T, H, W, 3) -> a GIF or MP4 (by extension), written atomically, optionally scaled up."""
+    import imageio.v3 as iio
+    if scale > 1:
+        frames = np.kron(frames, np.ones((1, scale, scale, 1), np.uint8))
+    ext = os.path.splitext(path)[1]
+    tmp = path + '.tmp' + ext
+    if ext == '.gif':
+        iio.imwrite(tmp, frames, duration=1000 / fps, loop=0)
+    else:
+        iio.imwrite(tmp, frames, fps=fps, macro_block_size=1)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
 # the command line
 
 def get_args(argv=None):
@@ -829,34 +861,3 @@ def main(argv=None) -> int:
 if __name__ == '__main__':
     sys.exit(main())
 
-
-# -----------------------------------------------------------------------------
-# writing videos for people to look at
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float (B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3)."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
-
-
-def contact_sheet(videos: np.ndarray, scale: int = 2) -> np.ndarray:
-    """uint8 (N, T, H, W, 3) -> one image, a row per video and a column per frame, on a grey grid."""
-    N, T, H, W, _ = videos.shape
-    sheet = np.full((N * (H + 1) + 1, T * (W + 1) + 1, 3), 64, np.uint8)
-    for i in range(N):
-        for t in range(T):
-            sheet[1 + i * (H + 1):(i + 1) * (H + 1), 1 + t * (W + 1):(t + 1) * (W + 1)] = videos[i, t]
-    return np.kron(sheet, np.ones((scale, scale, 1), np.uint8))
-
-
-def write_video(path: str, frames: np.ndarray, fps: float, scale: int = 1) -> None:
-    """uint8 (T, H, W, 3) -> a GIF or MP4 (by extension), written atomically, optionally scaled up."""
-    import imageio.v3 as iio
-    if scale > 1:
-        frames = np.kron(frames, np.ones((1, scale, scale, 1), np.uint8))
-    ext = os.path.splitext(path)[1]
-    tmp = path + '.tmp' + ext
-    if ext == '.gif':
-        iio.imwrite(tmp, frames, duration=1000 / fps, loop=0)
-    else:
-        iio.imwrite(tmp, frames, fps=fps, macro_block_size=1)
-    os.replace(tmp, path)

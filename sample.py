@@ -133,7 +133,7 @@ def run(args):
     if args.image:
         img = np.asarray(iio.imread(args.image))[..., :3]
         res = ckpt['data_key']['resolution']
-        img = prepare_data._resize_crop(img[None], res)  # (1, res, res, 3)
+        img = prepare_data.resize_crop(img[None], res)  # (1, res, res, 3)
         prefix = tok.encode(prepare_data.to_model(img[None])[:, :, 0].to(args.device))  # (1, 1, h, w)
     os.makedirs(args.out, exist_ok=True)
     settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,

@@ -21,6 +21,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -208,7 +209,6 @@ def loss_of(model, name: str, x, ids, step):
 def visualize(model, name: str, x, ids, path: str, fps: float, tok=None):
     """Write what a person should look at: tokenizer reconstructions under their originals, or the prior's
     samples for validation captions under the clips they came from."""
-    import imageio.v3 as iio
     if name == 'tokenizer':
         rec = model.decode(model.encode(x))
     else:
