@@ -4,10 +4,13 @@ Time one model's training step (forward + backward + AdamW), in the spirit of na
     python bench.py --model=tokenizer --batch_size 4 --dtype float32
     python bench.py --model=tokenizer --batch_size 4 --dtype bfloat16 --compile
     python bench.py --model=prior --mode=ar --batch_size 8 --dtype bfloat16
+    python bench.py --model=prior --mode=ar --batch_size 4 --sample    # generation speed instead
 
 Prints ms/step, clips/s and tokens/s, the model FLOPs counted by torch's FlopCounterMode, and the
 model-FLOPs utilisation (MFU) against this machine's measured peak (the best of a large matmul and a
-large 3D convolution) in the same dtype.
+large 3D convolution) in the same dtype. With --sample it times prior.generate on a batch of clips
+(with guidance, so each step runs a doubled batch) and, for ar, the same tokens made without the KV
+cache (every step recomputes the whole sequence, like nanoGPT's generate).
 """
 import argparse
 import time
@@ -56,6 +59,9 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=3, help='untimed steps first (compilation happens here)')
     cfg_cls, model_cls = train.MODELS[name]
     train.add_config_flags(p, cfg_cls)
+    p.add_argument('--sample', action='store_true', help='prior: time generation (KV cache or mask steps), not training')
+    p.add_argument('--uncached', action=argparse.BooleanOptionalAction, default=True,
+                   help='--sample with ar: also time generation without the KV cache')
     args = p.parse_args(argv)
     torch.manual_seed(0)
     config = cfg_cls(**train.config_overrides(args, cfg_cls))
@@ -72,6 +78,10 @@ def main(argv=None):
     else:
         x = torch.rand(args.batch_size, 3, args.frames, args.resolution, args.resolution, device=args.device) * 2 - 1
         ids = torch.zeros(args.batch_size, 1, dtype=torch.long, device=args.device)
+    if args.sample:
+        if name != 'prior':
+            p.error('--sample times a prior; use --model=prior')
+        return bench_sample(model, ids, ctx, args)
     step_model = torch.compile(model) if args.compile else model
 
     def step():
@@ -106,6 +116,44 @@ def main(argv=None):
           f'({tokens} tokens/clip), {flops / dt / 1e9:.1f} GFLOP/s model, measured peak {peak / 1e9:.0f} GFLOP/s, '
           f'MFU {flops / dt / peak * 100:.1f}%')
     return dict(ms=dt * 1000, clips_per_s=args.batch_size / dt, flops=flops, mfu=flops / dt / peak)
+
+
+@torch.no_grad()
+def uncached_ar(model, text, cfg: float):
+    """Greedy AR sampling that recomputes the whole sequence for every token: the baseline for the KV cache."""
+    text2 = torch.cat([text, torch.full_like(text, model.config.pad_id)])
+    video = torch.zeros(text.shape[0], 0, dtype=torch.long, device=text.device)
+    for _ in range(model.n_video):
+        x = model.embed(text2, torch.cat([video] * 2))
+        for block in model.blocks:
+            x = block(x, causal=True)
+        logits = model.guided(model.head(model.ln_f(x[:, -1])), cfg)
+        video = torch.cat([video, logits.argmax(-1, keepdim=True)], 1)
+    return video
+
+
+def bench_sample(model, ids, ctx, args) -> dict:
+    model.eval()
+    n, mode = ids.shape[0] * model.n_video, model.config.mode
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        with ctx:
+            fn()
+        return time.perf_counter() - t0
+
+    timed(lambda: model.generate(ids[:1], steps=2))  # warm up
+    dt = timed(lambda: model.generate(ids, steps=12))
+    how = 'KV cache' if mode == 'ar' else '12 parallel steps (12 forward passes)'
+    print(f'prior {mode} sampling, {args.dtype}, batch {ids.shape[0]}, {model.n_video} video tokens per clip, guidance on, '
+          f'{torch.get_num_threads()} threads')
+    print(f'{how}: {dt:.2f} s, {dt / ids.shape[0]:.2f} s per clip, {n / dt:.0f} tokens/s')
+    out = dict(seconds=dt, tokens_per_s=n / dt)
+    if mode == 'ar' and args.uncached:
+        du = timed(lambda: uncached_ar(model, ids, 3.0))
+        print(f'without the cache: {du:.2f} s, {n / du:.0f} tokens/s; the cache is {du / dt:.1f}x faster')
+        out['uncached_tokens_per_s'] = n / du
+    return out
 
 
 def tokens_per_clip(model, name, x) -> int:

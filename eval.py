@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import prepare_data
+import prior as prior_lib
 import train
 
 
@@ -91,10 +92,55 @@ def eval_prior(model, ckpt, n_prompts: int, per_prompt: int, batch_size: int, de
     videos = np.concatenate(videos)
     out = {'all_prompts': prepare_data.caption_accuracy(videos, prompts)}
     if holdout:
-        held = [i for i, p in enumerate(prompts) if prepare_data.is_held_out(prepare_data.parse_caption(p), holdout)]
-        out['held_out'] = prepare_data.caption_accuracy(videos[held], [prompts[i] for i in held])
+        held = np.array([prepare_data.is_held_out(prepare_data.parse_caption(p), holdout) for p in prompts])
+        for name, pick in (('seen', ~held), ('held_out', held)):
+            out[name] = prepare_data.caption_accuracy(videos[pick], [p for p, k in zip(prompts, pick) if k])
     out['seconds_per_video'] = (time.time() - t0) / len(prompts)
     return out
+
+
+OPPOSITE = {'left': 'right', 'right': 'left', 'up': 'down', 'down': 'up'}
+
+
+@torch.no_grad()
+def eval_story(model, ckpt, n_stories: int, frames: int, batch_size: int, device: str, seed: int, **kw) -> dict:
+    """Two-prompt stories (sample.py --story "A|B"): one object that turns round, its motion changing from A's
+    to the opposite in B, made through the sliding window. Each segment is judged on its first
+    training-length clip. (A shape keeps moving one way for at most about 20 frames of the training clips
+    before it would leave the canvas, so a turn is what the second prompt can ask for at any position.)"""
+    import sample
+    meta, tok = ckpt['data_meta'], sample.load_tokenizer(ckpt, device)
+    t = model.config.grid[0]
+    ft = tok.config.factors[0]
+    clip = 1 + ft * (t - 1)
+    if frames <= clip or (frames - 1) % ft:
+        raise train.TrainError(f'--story_frames must be 1 + {ft}k and more than the {clip} of a clip, got {frames}')
+    n_latent, context = 1 + (frames - 1) // ft, (t + 1) // 2
+    n_win = sample.windows_needed(n_latent, t, context)
+    second = sample.story_windows(['A', 'B'], n_win).index('B')
+    cut = sample.window_start_frame(second, t, context, ft)  # segment A is frames [0, cut), B [cut, frames)
+    if cut + clip > frames:
+        raise train.TrainError(f'--story_frames {frames} leaves the second prompt fewer than {clip} frames; give more')
+    rng = np.random.default_rng(seed)
+    stories = []
+    for _ in range(n_stories):
+        a = dict(zip(prepare_data.ATTRIBUTES, prepare_data.COMBOS[rng.integers(len(prepare_data.COMBOS))]))
+        b = dict(a, motion=OPPOSITE[a['motion']])
+        stories.append((prepare_data.caption(a), prepare_data.caption(b)))
+    text_meta = {**meta['text'], 'text_len': meta['text_len']}
+    g, t0, seg_a, seg_b = torch.Generator(device=device).manual_seed(seed), time.time(), [], []
+    for i in range(0, n_stories, batch_size):
+        part = stories[i:i + batch_size]
+        ids = [sample.encode_prompts([s[w == 'B'] for s in part], text_meta).to(device)
+               for w in sample.story_windows(['A', 'B'], n_win)]
+        codes = sample.generate_codes(model, ids, n_latent, context, generator=g, **kw)
+        videos = prepare_data.to_uint8(tok.decode(codes))  # (n, frames, H, W, 3)
+        seg_a.append(videos[:, :clip])
+        seg_b.append(videos[:, cut:cut + clip])
+    return {'frames': frames, 'segment_frames': [[0, cut], [cut, frames]],
+            'segment_1': prepare_data.caption_accuracy(np.concatenate(seg_a), [s[0] for s in stories]),
+            'segment_2': prepare_data.caption_accuracy(np.concatenate(seg_b), [s[1] for s in stories]),
+            'seconds_per_video': (time.time() - t0) / n_stories}
 
 
 def main(argv=None) -> int:
@@ -108,11 +154,13 @@ def main(argv=None) -> int:
     p.add_argument('--json', default=None, help='also write the figures to this JSON file')
     p.add_argument('--n_prompts', type=int, default=192, help='prior: shapes captions to prompt with (a random subset below 192)')
     p.add_argument('--samples_per_prompt', type=int, default=2, help='prior: videos per caption')
-    p.add_argument('--cfg', type=float, default=3.0, help='prior: guidance scale')
-    p.add_argument('--temperature', type=float, default=1.0, help='prior: sampling temperature')
+    p.add_argument('--cfg', type=float, default=None, help="prior: guidance scale (default: the mode's)")
+    p.add_argument('--temperature', type=float, default=None, help="prior: sampling temperature (default: the mode's)")
     p.add_argument('--top_k', type=int, default=None, help='prior (ar): top-k')
     p.add_argument('--steps', type=int, default=12, help='prior (mask): decoding steps')
     p.add_argument('--seed', type=int, default=0, help='prior: sampling seed')
+    p.add_argument('--story', type=int, default=0, help='prior: measure this many two-prompt stories instead (long videos)')
+    p.add_argument('--story_frames', type=int, default=65, help='prior: frames of each story video')
     args = p.parse_args(argv)
     try:
         model, ckpt = train.load_model(args.ckpt, args.device)
@@ -121,8 +169,16 @@ def main(argv=None) -> int:
         if name == 'tokenizer':
             out = eval_tokenizer(model, ckpt, data, args.n, args.batch_size, args.device, args.dtype)
         elif name == 'prior':
-            out = eval_prior(model, ckpt, args.n_prompts, args.samples_per_prompt, args.batch_size, args.device, args.seed,
-                             cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, steps=args.steps)
+            for k in ('cfg', 'temperature'):  # record the values used, not None
+                if getattr(args, k) is None:
+                    setattr(args, k, prior_lib.SAMPLING[model.config.mode][k])
+            kw = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, steps=args.steps)
+            if args.story:
+                out = eval_story(model, ckpt, args.story, args.story_frames, args.batch_size, args.device, args.seed, **kw)
+            else:
+                out = eval_prior(model, ckpt, args.n_prompts, args.samples_per_prompt, args.batch_size, args.device,
+                                 args.seed, **kw)
+            out['settings'] = dict(kw, seed=args.seed, mode=model.config.mode)
         else:
             raise train.TrainError(f'eval.py does not measure {name} checkpoints yet')
     except (train.TrainError, FileNotFoundError) as e:
@@ -131,7 +187,7 @@ def main(argv=None) -> int:
     fmt = lambda d: ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in d.items())
     if name == 'prior':
         for k, v in out.items():
-            print(f'{k}: {fmt(v)}' if isinstance(v, dict) else f'{k}: {v:.3g}')
+            print(f'{k}: {fmt(v)}' if isinstance(v, dict) else f'{k}: {v:.3g}' if isinstance(v, float) else f'{k}: {v}')
     else:
         print(f"{name} {args.ckpt} on {data} val: " + fmt(out))
     if args.json:

@@ -732,7 +732,7 @@ def get_args(argv=None):
     p.add_argument('--holdout', default='', help='shapes: comma-separated combinations kept out of train, e.g. "green triangle,small cyan"')
     p.add_argument('--text_encoding', default='bpe', help='bpe (a byte-level BPE trained on the captions, offline) or a tiktoken name such as gpt2')
     p.add_argument('--vocab_size', type=int, default=512, help='bpe: vocabulary size (an upper bound: merges stop when words are whole)')
-    p.add_argument('--text_len', type=int, default=32, help='caption ids are padded or cut to this many tokens')
+    p.add_argument('--text_len', type=int, default=16, help='caption ids are padded or cut to this many tokens')
     return p.parse_args(argv)
 
 

@@ -26,6 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# default guidance scale and temperature per mode, chosen by caption accuracy on shapes (eval.py; README)
+SAMPLING = {'ar': dict(cfg=2.0, temperature=0.4), 'mask': dict(cfg=3.0, temperature=1.0)}
+CHOICE_TEMPERATURE = 4.5  # mask: noise on the confidence that picks the tokens to keep, times temperature (MaskGIT)
+
+
 class Attention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
@@ -42,9 +47,12 @@ class Attention(nn.Module):
                 k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)
             cache['k'], cache['v'] = k, v
         # with a cache and one new token, the query may see every key: no mask needed
+        dtype = q.dtype
+        if q.device.type == 'cpu':  # PyTorch's CPU flash kernel is faster in float32 than in bfloat16
+            q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] == k.shape[2],
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, S, C))
+        return self.proj(y.to(dtype).transpose(1, 2).reshape(B, S, C))
 
 
 class Block(nn.Module):
@@ -68,9 +76,9 @@ class PriorConfig:
     text_len: int = 32  # text tokens per caption
     pad_id: int = 0  # the text pad id; a caption of pads only is the unconditional prompt
     grid: tuple = (5, 8, 8)  # latent (frames, height, width) of one training clip
-    n_layer: int = 6
-    n_head: int = 8
-    n_embd: int = 256
+    n_layer: int = 4
+    n_head: int = 6
+    n_embd: int = 192
     dropout: float = 0.0
     cfg_drop: float = 0.1  # probability of training on the unconditional prompt (for guidance)
 
@@ -194,12 +202,14 @@ class Prior(nn.Module):
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
     @torch.no_grad()
-    def generate(self, text, prefix=None, cfg: float = 3.0, temperature: float = 1.0, top_k: int | None = None,
+    def generate(self, text, prefix=None, cfg: float | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, steps: int = 12, generator: torch.Generator | None = None):
         """Sample one clip of codes (B, t, h, w) for text (B, L). prefix (B, t0, h, w): latent frames that are
         given (image to video, continuation) and kept. ar: token by token with a KV cache; mask: `steps`
-        parallel decoding steps."""
+        parallel decoding steps. cfg and temperature None are the mode's defaults (SAMPLING)."""
         c = self.config
+        cfg = SAMPLING[c.mode]['cfg'] if cfg is None else cfg
+        temperature = SAMPLING[c.mode]['temperature'] if temperature is None else temperature
         B = text.shape[0]
         t, h, w = c.grid
         given = 0 if prefix is None else prefix.shape[1] * h * w
@@ -235,14 +245,14 @@ class Prior(nn.Module):
             for block in self.blocks:
                 x = block(x, causal=False)
             logits = self.guided(self.head(self.ln_f(x[:, -N:])), cfg).float()  # (B, N, V)
-            temp = temperature * (1 - s / steps)  # annealed: bold early, greedy late
-            if temp > 0:
-                gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=generator, device=logits.device)
-                                               .clamp(1e-20, 1)))
-                sample = (logits / temp + gumbel).argmax(-1)
-            else:
-                sample = logits.argmax(-1)
+            gumbel = lambda shape: -torch.log(-torch.log(torch.rand(shape, generator=generator, device=logits.device)
+                                                         .clamp(1e-20, 1)))
+            sample = (logits / temperature + gumbel(logits.shape)).argmax(-1) if temperature > 0 else logits.argmax(-1)
+            # keep the most confident tokens, the confidence perturbed by Gumbel noise that fades over the steps
+            # (MaskGIT's choice temperature): without it the background is always surest and objects never start
             conf = logits.log_softmax(-1).gather(-1, sample[..., None]).squeeze(-1)
+            if temperature > 0:
+                conf = conf + CHOICE_TEMPERATURE * temperature * (1 - (s + 1) / steps) * gumbel(conf.shape)
             conf = conf.masked_fill(known, float('inf'))  # given and kept tokens stay
             # after step s, cos(pi/2 * (s+1)/steps) of the free tokens are still masked
             n_masked = int(math.floor(n_free * math.cos(math.pi / 2 * (s + 1) / steps)))

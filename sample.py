@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import prepare_data
+import prior as prior_lib
 import train
 
 
@@ -70,6 +71,17 @@ def windows_needed(n_latent: int, t: int, context: int) -> int:
     return 1 + max(0, -(-(n_latent - t) // (t - context)))
 
 
+def story_windows(parts: list[str], n_win: int) -> list[str]:
+    """The prompt of each window: a story's parts share the windows out in order, as evenly as they can."""
+    return [parts[min(k * len(parts) // n_win, len(parts) - 1)] for k in range(n_win)]
+
+
+def window_start_frame(k: int, t: int, context: int, ft: int) -> int:
+    """The first video frame that window k (k >= 1) adds; window 0 makes frames 0 .. 1 + ft * (t - 1)."""
+    first_latent = t + (k - 1) * (t - context)
+    return 1 + ft * (first_latent - 1)
+
+
 def slug(text: str) -> str:
     return re.sub(r'[^a-z0-9]+', '_', text.lower()).strip('_')[:60] or 'prompt'
 
@@ -84,8 +96,9 @@ def main(argv=None) -> int:
     p.add_argument('--num_samples', type=int, default=4, help='samples per prompt')
     p.add_argument('--frames', type=int, default=None, help='frames per video, 1 + 4k (default: the training clip)')
     p.add_argument('--context', type=int, default=None, help='latent frames kept between windows (default half a window)')
-    p.add_argument('--cfg', type=float, default=3.0, help='classifier-free guidance scale (1 = none)')
-    p.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (0 = greedy)')
+    p.add_argument('--cfg', type=float, default=None, help="classifier-free guidance scale, 1 = none (default: the mode's)")
+    p.add_argument('--temperature', type=float, default=None,
+                   help="sampling temperature, 0 = greedy (default: the mode's, prior.SAMPLING)")
     p.add_argument('--top_k', type=int, default=None, help='ar: sample among the k most likely tokens')
     p.add_argument('--top_p', type=float, default=None, help='ar: nucleus sampling mass')
     p.add_argument('--steps', type=int, default=12, help='mask: parallel decoding steps')
@@ -136,6 +149,9 @@ def run(args):
         img = prepare_data.resize_crop(img[None], res)  # (1, res, res, 3)
         prefix = tok.encode(prepare_data.to_model(img[None])[:, :, 0].to(args.device))  # (1, 1, h, w)
     os.makedirs(args.out, exist_ok=True)
+    for k in ('cfg', 'temperature'):  # record the values used, not None
+        if getattr(args, k) is None:
+            setattr(args, k, prior_lib.SAMPLING[model.config.mode][k])
     settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
                     frames=frames, context=context, mode=model.config.mode, ckpt=args.ckpt, image=args.image)
     with open(os.path.join(args.out, 'samples.jsonl'), 'a') as manifest:
@@ -148,7 +164,7 @@ def write_prompt(args, model, tok, meta, pi, prompt, parts, prefix, n_latent, co
     """Generate --num_samples videos for one prompt (or story) and write them."""
     t = model.config.grid[0]
     n_win = windows_needed(n_latent, t, context)
-    per_window = [parts[min(k * len(parts) // n_win, len(parts) - 1)] for k in range(n_win)]
+    per_window = story_windows(parts, n_win)
     ids = [encode_prompts([s], {**meta['text'], 'text_len': meta['text_len']}).repeat(args.num_samples, 1).to(args.device)
            for s in per_window]
     g = torch.Generator(device=args.device).manual_seed(args.seed + pi)

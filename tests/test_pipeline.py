@@ -115,3 +115,44 @@ def test_prior_under_ddp(run_dir, tmp_path):
                        capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stdout + r.stderr
     assert 'world 2' in r.stdout and torch.load(tmp_path / 'd' / 'ckpt.pt', weights_only=True)['iter_num'] == 2
+
+
+def test_eval_seen_and_held_out(run_dir):
+    import eval as eval_lib
+    model, ckpt = train.load_model(str(run_dir / 'mask' / 'ckpt.pt'), 'cpu')
+    out = eval_lib.eval_prior(model, ckpt, 192, 1, 96, 'cpu', 0, steps=1)
+    assert out['all_prompts']['n'] == 192 and out['held_out']['n'] == 8  # green triangles: 2 sizes x 4 motions
+    assert out['seen']['n'] == 184
+    acc = lambda d: d['all'] * d['n']
+    assert acc(out['seen']) + acc(out['held_out']) == pytest.approx(acc(out['all_prompts']))
+
+
+def test_eval_story_cli(run_dir, tmp_path):
+    code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '2', '--json', str(tmp_path / 's.json'))
+    assert code == 0, log
+    out = json.load(open(tmp_path / 's.json'))
+    # 65 frames = 17 latent frames: 7 windows of 5 keeping 3, the last 3 windows for the second prompt
+    assert out['frames'] == 65 and out['segment_frames'] == [[0, 41], [41, 65]]
+    assert out['segment_1']['n'] == 2 and out['segment_2']['n'] == 2
+    code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '2', '--story_frames', '49')
+    assert code == 2 and 'fewer than 17 frames' in log and 'Traceback' not in log, log
+
+
+def test_pipeline_script(tmp_path):
+    env = dict(os.environ, DATA=str(tmp_path / 'data'), OUT=str(tmp_path / 'out'),
+               DATA_FLAGS='--n_train 24 --n_val 8 --size 32',
+               TOK_FLAGS='--max_iters 2 --channels 8 --batch_size 2 --eval_iters 1 --dtype float32',
+               PRIOR_FLAGS='--max_iters 2 ' + ' '.join(PRIOR), SAMPLE_FLAGS='--num_samples 1 --steps 2',
+               EVAL_FLAGS='--n_prompts 4 --steps 2')
+    r = subprocess.run(['bash', os.path.join(ROOT, 'pipeline.sh'), 'mask'], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = tmp_path / 'out' / 'prior_mask'
+    assert json.load(open(out / 'accuracy.json'))['all_prompts']['n'] == 4
+    assert len([f for f in os.listdir(out / 'samples') if f.endswith('.gif')]) == 6
+    assert 'done in' in r.stdout
+    # a second run reuses the data and resumes both trainings at their end
+    r = subprocess.run(['bash', os.path.join(ROOT, 'pipeline.sh'), 'mask'], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count('--resume') == 2 and 'from step 2' in r.stdout
+    r = subprocess.run(['bash', os.path.join(ROOT, 'pipeline.sh'), 'gpt'], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 2 and 'usage' in r.stderr

@@ -95,7 +95,7 @@ def test_shapes_format_round_trip_holdout_and_paraphrases(tmp_path):
     assert meta['counts'] == {'train': 400, 'val': 40} and meta['frames'] == 17 and meta['size'] == 32
     train = pd.load_split(str(out), 'train')
     assert train['clips'].shape == (400, 17, 32, 32, 3) and train['clips'].dtype == np.uint8
-    assert train['ids'].shape == (400, 32) and len(train['captions']) == 400
+    assert train['ids'].shape == (400, 16) and len(train['captions']) == 400
     enc = pd.get_encoding(meta['text'])
     pad = meta['text']['pad_id']
     for i in range(0, 400, 37):  # stored clips, ids and captions agree with each other
