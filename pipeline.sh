@@ -17,8 +17,8 @@ if [[ $MODE != ar && $MODE != mask ]]; then
 fi
 DATA=${DATA:-data/shapes_holdout}
 OUT=${OUT:-out}
-TOK=$OUT/tokenizer_pipeline
-PRIOR=$OUT/prior_$MODE
+TOK=$OUT/pipeline_tokenizer
+PRIOR=$OUT/pipeline_$MODE
 SECONDS=0
 
 step() {  # step NAME COMMAND...: run and time one step

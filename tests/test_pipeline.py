@@ -146,7 +146,7 @@ def test_pipeline_script(tmp_path):
                EVAL_FLAGS='--n_prompts 4 --steps 2')
     r = subprocess.run(['bash', os.path.join(ROOT, 'pipeline.sh'), 'mask'], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
-    out = tmp_path / 'out' / 'prior_mask'
+    out = tmp_path / 'out' / 'pipeline_mask'
     assert json.load(open(out / 'accuracy.json'))['all_prompts']['n'] == 4
     assert len([f for f in os.listdir(out / 'samples') if f.endswith('.gif')]) == 6
     assert 'done in' in r.stdout
