@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 
 # default guidance scale and temperature per mode, chosen by caption accuracy on shapes (eval.py; README)
-SAMPLING = {'ar': dict(cfg=2.0, temperature=0.4), 'mask': dict(cfg=3.0, temperature=1.0)}
+SAMPLING = {'ar': dict(cfg=2.0, temperature=0.4), 'mask': dict(cfg=2.0, temperature=1.0)}
 CHOICE_TEMPERATURE = 4.5  # mask: noise on the confidence that picks the tokens to keep, times temperature (MaskGIT)
 
 
