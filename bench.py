@@ -5,12 +5,14 @@ Time one model's training step (forward + backward + AdamW), in the spirit of na
     python bench.py --model=tokenizer --batch_size 4 --dtype bfloat16 --compile
     python bench.py --model=prior --mode=ar --batch_size 8 --dtype bfloat16
     python bench.py --model=prior --mode=ar --batch_size 4 --sample    # generation speed instead
+    python bench.py --model=prior --mode=ar --batch_size 4 --sample --cfg 1    # ... without guidance
 
 Prints ms/step, clips/s and tokens/s, the model FLOPs counted by torch's FlopCounterMode, and the
 model-FLOPs utilisation (MFU) against this machine's measured peak (the best of a large matmul and a
 large 3D convolution) in the same dtype. With --sample it times prior.generate on a batch of clips
-(with guidance, so each step runs a doubled batch) and, for ar, the same tokens made without the KV
-cache (every step recomputes the whole sequence, like nanoGPT's generate).
+(with the mode's guidance, so each step runs a doubled batch; --cfg 1 runs the batch alone, like
+nanoGPT's generate) and, for ar, the same tokens made without the KV cache (every step recomputes the
+whole sequence, like nanoGPT's generate).
 """
 import argparse
 import time
@@ -19,6 +21,7 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import prior
 import train
 
 
@@ -62,6 +65,8 @@ def main(argv=None):
     p.add_argument('--sample', action='store_true', help='prior: time generation (KV cache or mask steps), not training')
     p.add_argument('--uncached', action=argparse.BooleanOptionalAction, default=True,
                    help='--sample with ar: also time generation without the KV cache')
+    p.add_argument('--cfg', type=float, default=None,
+                   help="--sample: guidance scale (default: the mode's); 1 skips the unconditional pass")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     config = cfg_cls(**train.config_overrides(args, cfg_cls))
@@ -120,11 +125,15 @@ def main(argv=None):
 
 @torch.no_grad()
 def uncached_ar(model, text, cfg: float):
-    """Greedy AR sampling that recomputes the whole sequence for every token: the baseline for the KV cache."""
-    text2 = torch.cat([text, torch.full_like(text, model.config.pad_id)])
+    """Greedy AR sampling that recomputes the whole sequence for every token: the baseline for the KV cache
+    (guided, like prior.generate's default, on the first latent frame only)."""
+    text2 = text if cfg == 1.0 else torch.cat([text, torch.full_like(text, model.config.pad_id)])
     video = torch.zeros(text.shape[0], 0, dtype=torch.long, device=text.device)
-    for _ in range(model.n_video):
-        x = model.embed(text2, torch.cat([video] * 2))
+    h, w = model.config.grid[1:]
+    for i in range(model.n_video):
+        if i == prior.SAMPLING['ar']['guide_frames'] * h * w:
+            text2, cfg = text, 1.0
+        x = model.embed(text2, video.repeat(text2.shape[0] // text.shape[0], 1))
         for block in model.blocks:
             x = block(x, causal=True)
         logits = model.guided(model.head(model.ln_f(x[:, -1])), cfg)
@@ -142,15 +151,16 @@ def bench_sample(model, ids, ctx, args) -> dict:
             fn()
         return time.perf_counter() - t0
 
-    timed(lambda: model.generate(ids[:1], steps=2))  # warm up
-    dt = timed(lambda: model.generate(ids, steps=12))
+    cfg = prior.SAMPLING[mode]['cfg'] if args.cfg is None else args.cfg
+    timed(lambda: model.generate(ids[:1], cfg=cfg, steps=2))  # warm up
+    dt = min(timed(lambda: model.generate(ids, cfg=cfg, steps=12)) for _ in range(3))  # best of 3: the machine is noisy
     how = 'KV cache' if mode == 'ar' else '12 parallel steps (12 forward passes)'
-    print(f'prior {mode} sampling, {args.dtype}, batch {ids.shape[0]}, {model.n_video} video tokens per clip, guidance on, '
-          f'{torch.get_num_threads()} threads')
+    print(f'prior {mode} sampling, {args.dtype}, batch {ids.shape[0]}, {model.n_video} video tokens per clip, '
+          f'guidance {cfg:g}{" (off: no unconditional pass)" if cfg == 1 else ""}, {torch.get_num_threads()} threads')
     print(f'{how}: {dt:.2f} s, {dt / ids.shape[0]:.2f} s per clip, {n / dt:.0f} tokens/s')
     out = dict(seconds=dt, tokens_per_s=n / dt)
     if mode == 'ar' and args.uncached:
-        du = timed(lambda: uncached_ar(model, ids, 3.0))
+        du = timed(lambda: uncached_ar(model, ids, cfg))
         print(f'without the cache: {du:.2f} s, {n / du:.0f} tokens/s; the cache is {du / dt:.1f}x faster')
         out['uncached_tokens_per_s'] = n / du
     return out

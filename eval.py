@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     p.add_argument('--temperature', type=float, default=None, help="prior: sampling temperature (default: the mode's)")
     p.add_argument('--top_k', type=int, default=None, help='prior (ar): top-k')
     p.add_argument('--steps', type=int, default=12, help='prior (mask): decoding steps')
+    p.add_argument('--guide_frames', type=int, default=None, help="prior (ar): guided latent frames (default: the mode's)")
     p.add_argument('--seed', type=int, default=0, help='prior: sampling seed')
     p.add_argument('--story', type=int, default=0, help='prior: measure this many two-prompt stories instead (long videos)')
     p.add_argument('--story_frames', type=int, default=65, help='prior: frames of each story video')
@@ -169,10 +170,13 @@ def main(argv=None) -> int:
         if name == 'tokenizer':
             out = eval_tokenizer(model, ckpt, data, args.n, args.batch_size, args.device, args.dtype)
         elif name == 'prior':
-            for k in ('cfg', 'temperature'):  # record the values used, not None
+            if args.guide_frames is not None and model.config.mode != 'ar':
+                raise train.TrainError('--guide_frames is for ar priors')
+            for k, v in prior_lib.SAMPLING[model.config.mode].items():  # record the values used, not None
                 if getattr(args, k) is None:
-                    setattr(args, k, prior_lib.SAMPLING[model.config.mode][k])
-            kw = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, steps=args.steps)
+                    setattr(args, k, v)
+            kw = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, steps=args.steps,
+                      guide_frames=args.guide_frames)
             if args.story:
                 out = eval_story(model, ckpt, args.story, args.story_frames, args.batch_size, args.device, args.seed, **kw)
             else:

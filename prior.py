@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 
 # default guidance scale and temperature per mode, chosen by caption accuracy on shapes (eval.py; README)
-SAMPLING = {'ar': dict(cfg=2.0, temperature=0.4), 'mask': dict(cfg=2.0, temperature=1.0)}
-CHOICE_TEMPERATURE = 4.5  # mask: noise on the confidence that picks the tokens to keep, times temperature (MaskGIT)
+# (ar: guidance on the first guide_frames latent frames generated, then the conditional model alone)
+SAMPLING = {'ar': dict(cfg=2.0, temperature=0.4, guide_frames=1), 'mask': dict(cfg=2.0, temperature=0.5)}
+CHOICE_TEMPERATURE = 4.5  # mask: scale of the noise on the confidence that picks the tokens to keep (MaskGIT)
 
 
 class Attention(nn.Module):
@@ -39,13 +40,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)
 
     def forward(self, x, causal: bool, cache=None):
-        """cache: a dict holding this layer's past keys and values (sampling); x then holds only new tokens."""
+        """cache: a dict {'size': sequence length} that this layer fills with its keys and values (sampling); x then
+        holds only the new tokens."""
         B, S, C = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, S, hd)
-        if cache is not None:
-            if 'k' in cache:
-                k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)
-            cache['k'], cache['v'] = k, v
+        if cache is not None:  # keys and values go into buffers sized for the whole sequence: no copy per token
+            if 'k' not in cache:
+                shape = (B, self.n_head, cache['size'], C // self.n_head)
+                cache.update(k=k.new_empty(shape), v=v.new_empty(shape), n=0)
+            n = cache['n'] + S
+            cache['k'][:, :, n - S:n], cache['v'][:, :, n - S:n] = k, v
+            k, v, cache['n'] = cache['k'][:, :, :n], cache['v'][:, :, :n], n
         # with a cache and one new token, the query may see every key: no mask needed
         dtype = q.dtype
         if q.device.type == 'cpu':  # PyTorch's CPU flash kernel is faster in float32 than in bfloat16
@@ -168,7 +173,9 @@ class Prior(nn.Module):
         for block in self.blocks:
             x = block(x, causal=False)
         logits = self.head(self.ln_f(x[:, L:]))
-        loss = F.cross_entropy(logits.float()[masked], video[masked])
+        # the mean over the masked tokens, as a weighted mean over all tokens: no data-dependent shapes (compile)
+        ce = F.cross_entropy(logits.float().transpose(1, 2), video, reduction='none')  # (B, N)
+        loss = (ce * masked).sum() / masked.sum()
         return logits, loss
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str):
@@ -181,9 +188,12 @@ class Prior(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
 
     def guided(self, logits, cfg: float):
-        """Classifier-free guidance on a doubled batch [conditional ; unconditional]."""
+        """Classifier-free guidance on a doubled batch [conditional ; unconditional]; at scale 1 the batch is
+        the conditional one only."""
+        if cfg == 1.0:
+            return logits
         cond, uncond = logits.chunk(2)
-        return cond if cfg == 1.0 else uncond + cfg * (cond - uncond)
+        return uncond + cfg * (cond - uncond)
 
     @staticmethod
     def sample_logits(logits, temperature: float, top_k: int | None, top_p: float | None, generator):
@@ -203,13 +213,17 @@ class Prior(nn.Module):
 
     @torch.no_grad()
     def generate(self, text, prefix=None, cfg: float | None = None, temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, steps: int = 12, generator: torch.Generator | None = None):
+                 top_p: float | None = None, steps: int = 12, guide_frames: int | None = None,
+                 generator: torch.Generator | None = None):
         """Sample one clip of codes (B, t, h, w) for text (B, L). prefix (B, t0, h, w): latent frames that are
-        given (image to video, continuation) and kept. ar: token by token with a KV cache; mask: `steps`
-        parallel decoding steps. cfg and temperature None are the mode's defaults (SAMPLING)."""
+        given (image to video, continuation) and kept. ar: token by token with a KV cache, guided on the first
+        guide_frames latent frames it makes (t or more: all); the later frames follow them with the conditional
+        model alone, which keeps an unseen combination's colour from drifting to a seen one. mask: `steps`
+        parallel decoding steps. cfg, temperature and guide_frames None are the mode's defaults (SAMPLING)."""
         c = self.config
         cfg = SAMPLING[c.mode]['cfg'] if cfg is None else cfg
         temperature = SAMPLING[c.mode]['temperature'] if temperature is None else temperature
+        guide_frames = SAMPLING['ar']['guide_frames'] if guide_frames is None else guide_frames
         B = text.shape[0]
         t, h, w = c.grid
         given = 0 if prefix is None else prefix.shape[1] * h * w
@@ -218,30 +232,42 @@ class Prior(nn.Module):
         video = torch.zeros(B, self.n_video, dtype=torch.long, device=text.device)
         if prefix is not None:
             video[:, :given] = prefix.reshape(B, -1)
-        text2 = torch.cat([text, torch.full_like(text, c.pad_id)])  # [conditional ; unconditional]
+        # guidance needs the unconditional prompt too: [conditional ; unconditional]
+        text2 = text if cfg == 1.0 else torch.cat([text, torch.full_like(text, c.pad_id)])
         if c.mode == 'ar':
-            self._generate_ar(text2, video, given, cfg, temperature, top_k, top_p, generator)
+            if guide_frames < 1:
+                raise ValueError(f'guide_frames must be at least 1 latent frame, got {guide_frames}')
+            guided_until = given + guide_frames * h * w
+            self._generate_ar(text2, video, given, cfg, guided_until, temperature, top_k, top_p, generator)
         else:
             self._generate_mask(text2, video, given, cfg, temperature, steps, generator)
         return video.view(B, t, h, w)
 
-    def _generate_ar(self, text2, video, given, cfg, temperature, top_k, top_p, generator):
-        caches = [dict() for _ in self.blocks]
-        x = self.embed(text2, torch.cat([video[:, :given]] * 2))  # the prompt: text and given tokens at once
+    def _generate_ar(self, text2, video, given, cfg, guided_until, temperature, top_k, top_p, generator):
+        B = video.shape[0]
+        copies = text2.shape[0] // B  # 2 with guidance
+        caches = [dict(size=text2.shape[1] + self.n_video - 1) for _ in self.blocks]
+        x = self.embed(text2, video[:, :given].repeat(copies, 1))  # the prompt: text and given tokens at once
+        pos = self.video_pos()
         for i in range(given, self.n_video):
+            if i == guided_until and copies == 2:  # guidance ends: drop the unconditional half of the batch
+                copies, cfg, x = 1, 1.0, x[:B]
+                for cache in caches:
+                    cache['k'], cache['v'] = cache['k'][:B], cache['v'][:B]
             for block, cache in zip(self.blocks, caches):
                 x = block(x, causal=True, cache=cache)
             logits = self.guided(self.head(self.ln_f(x[:, -1])), cfg)  # (B, V)
             video[:, i] = self.sample_logits(logits, temperature, top_k, top_p, generator)
-            x = self.tok_emb(torch.cat([video[:, i:i + 1]] * 2)) + self.video_pos()[i:i + 1]  # (2B, 1, C)
+            x = self.tok_emb(video[:, i:i + 1].repeat(copies, 1)) + pos[i:i + 1]  # (copies * B, 1, C)
 
     def _generate_mask(self, text2, video, given, cfg, temperature, steps, generator):
         B, N = video.shape
         known = torch.zeros(B, N, dtype=torch.bool, device=video.device)
         known[:, :given] = True
         n_free = N - given
+        copies = text2.shape[0] // B  # 2 with guidance
         for s in range(steps):
-            x = self.embed(text2, torch.cat([torch.where(known, video, self.mask_id)] * 2))
+            x = self.embed(text2, torch.where(known, video, self.mask_id).repeat(copies, 1))
             for block in self.blocks:
                 x = block(x, causal=False)
             logits = self.guided(self.head(self.ln_f(x[:, -N:])), cfg).float()  # (B, N, V)
@@ -252,7 +278,7 @@ class Prior(nn.Module):
             # (MaskGIT's choice temperature): without it the background is always surest and objects never start
             conf = logits.log_softmax(-1).gather(-1, sample[..., None]).squeeze(-1)
             if temperature > 0:
-                conf = conf + CHOICE_TEMPERATURE * temperature * (1 - (s + 1) / steps) * gumbel(conf.shape)
+                conf = conf + CHOICE_TEMPERATURE * (1 - (s + 1) / steps) * gumbel(conf.shape)
             conf = conf.masked_fill(known, float('inf'))  # given and kept tokens stay
             # after step s, cos(pi/2 * (s+1)/steps) of the free tokens are still masked
             n_masked = int(math.floor(n_free * math.cos(math.pi / 2 * (s + 1) / steps)))

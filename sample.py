@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument('--top_k', type=int, default=None, help='ar: sample among the k most likely tokens')
     p.add_argument('--top_p', type=float, default=None, help='ar: nucleus sampling mass')
     p.add_argument('--steps', type=int, default=12, help='mask: parallel decoding steps')
+    p.add_argument('--guide_frames', type=int, default=None,
+                   help="ar: guide only the first N latent frames of each window (default: the mode's, 1)")
     p.add_argument('--seed', type=int, default=0, help='seed: the same seed and flags give the same videos')
     p.add_argument('--out', default='samples', help='output directory')
     p.add_argument('--device', default='cpu', help='cpu, cuda, ...')
@@ -149,11 +151,14 @@ def run(args):
         img = prepare_data.resize_crop(img[None], res)  # (1, res, res, 3)
         prefix = tok.encode(prepare_data.to_model(img[None])[:, :, 0].to(args.device))  # (1, 1, h, w)
     os.makedirs(args.out, exist_ok=True)
-    for k in ('cfg', 'temperature'):  # record the values used, not None
+    if args.guide_frames is not None and model.config.mode != 'ar':
+        raise SampleError('--guide_frames is for ar priors; a mask prior guides every decoding step')
+    for k, v in prior_lib.SAMPLING[model.config.mode].items():  # record the values used, not None
         if getattr(args, k) is None:
-            setattr(args, k, prior_lib.SAMPLING[model.config.mode][k])
+            setattr(args, k, v)
     settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
-                    frames=frames, context=context, mode=model.config.mode, ckpt=args.ckpt, image=args.image)
+                    guide_frames=args.guide_frames, frames=frames, context=context, mode=model.config.mode,
+                    ckpt=args.ckpt, image=args.image)
     with open(os.path.join(args.out, 'samples.jsonl'), 'a') as manifest:
         for pi, prompt in enumerate(prompts):
             write_prompt(args, model, tok, meta, pi, prompt, story if (story and pi == len(prompts) - 1) else [prompt],
@@ -171,7 +176,7 @@ def write_prompt(args, model, tok, meta, pi, prompt, parts, prefix, n_latent, co
     t0 = time.time()
     codes = generate_codes(model, ids, n_latent, context, None if prefix is None else prefix.repeat(args.num_samples, 1, 1, 1),
                            generator=g, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, steps=args.steps)
+                           top_p=args.top_p, steps=args.steps, guide_frames=args.guide_frames)
     videos = prepare_data.to_uint8(tok.decode(codes))  # (n, T, H, W, 3)
     dt = (time.time() - t0) / args.num_samples
     name = slug(prompt)

@@ -58,6 +58,7 @@ def test_sample_cli(run_dir, mode, tmp_path):
     assert v.shape == (17, 32, 32, 3) and v.dtype == np.uint8
     rec = [json.loads(ln) for ln in open(out / 'samples.jsonl')]
     assert len(rec) == 2 and rec[0]['prompt'] == 'a big red circle moving left' and rec[0]['seed'] == 1
+    assert rec[0]['cfg'] is not None and rec[0]['guide_frames'] == (1 if mode == 'ar' else None)
     # the same seed reproduces the same video
     code, _ = run('sample.py', '--ckpt', str(run_dir / mode / 'ckpt.pt'), '--prompt', 'a big red circle moving left',
                   '--num_samples', '2', '--seed', '1', '--out', str(tmp_path / 's2'), '--steps', '4', '--no_mp4')
@@ -82,10 +83,13 @@ def test_long_story_and_image(run_dir, tmp_path):
     (['--prompt', '  '], 'empty prompt'),
     (['--prompt', 'a ' * 40], 'tokens; this model reads at most'),
     (['--prompt', 'a red ball', '--frames', '20'], '--frames must be 1 + 4k'),
+    (['--prompt', 'a red ball', '--guide_frames', '0'], 'guide_frames must be at least 1'),
+    (['--ckpt', 'MASK', '--prompt', 'a red ball', '--guide_frames', '2'], '--guide_frames is for ar priors'),
 ])
 def test_sample_errors(run_dir, argv, words):
     if '--ckpt' not in argv:
         argv = ['--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), *argv]
+    argv = [str(run_dir / 'mask' / 'ckpt.pt') if a == 'MASK' else a for a in argv]
     code, log = run('sample.py', *argv, '--out', str(run_dir / 'err'))
     assert code == 2 and words in log and 'Traceback' not in log, log
     code, log = run('sample.py', '--ckpt', str(run_dir / 'tok' / 'ckpt.pt'), '--prompt', 'x')

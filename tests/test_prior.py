@@ -28,13 +28,20 @@ def test_ar_is_causal():
     assert not torch.allclose(logits[:, 8:], logits2[:, 8:], atol=1e-3)
 
 
-def test_kv_cache_logits_equal_full_recompute():
+@pytest.mark.parametrize('cfg, given, guide_frames', [(1.0, 0, 1), (2.5, 0, 3), (2.5, 0, 1), (2.5, 1, 1)])
+def test_kv_cache_logits_equal_full_recompute(cfg, given, guide_frames):
     torch.manual_seed(0)
     m = Prior(PriorConfig(**TINY)).eval()
-    text, _ = batch()
-    codes = m.generate(text, cfg=1.0, temperature=0)  # greedy with the cache
-    full, _ = m(text, codes)  # greedy from the full recompute must pick the same tokens
-    assert torch.equal(full.argmax(-1), codes.view(2, -1))
+    text, prefix = batch()
+    codes = m.generate(text, prefix=prefix[:, :given] if given else None, cfg=cfg, temperature=0,
+                       guide_frames=guide_frames)  # greedy, cached
+    # greedy from the full recompute must pick the same tokens: guided on the first guide_frames latent
+    # frames made, the conditional model alone after them
+    cond, uncond = m(torch.cat([text, torch.zeros_like(text)]), codes.repeat(2, 1, 1, 1))[0].chunk(2)
+    n, end = given * 4, (given + guide_frames) * 4  # 2 x 2 tokens per latent frame
+    full = torch.cat([(uncond + cfg * (cond - uncond))[:, :end], cond[:, end:]], 1)
+    assert torch.equal(full.argmax(-1)[:, n:], codes.view(2, -1)[:, n:])
+    assert torch.equal(codes[:, :given], prefix[:, :given])
 
 
 @pytest.mark.parametrize('mode', ['ar', 'mask'])
@@ -43,9 +50,10 @@ def test_guidance_scales(mode):
     m = Prior(PriorConfig(**TINY, mode=mode)).eval()
     text, _ = batch()
     pads = torch.zeros_like(text)  # pad_id 0: the unconditional prompt
-    greedy = lambda t, cfg: m.generate(t, cfg=cfg, temperature=0, steps=4)
-    # scale 1 is the conditional model alone: the result does not depend on the unconditional half
+    greedy = lambda t, cfg: m.generate(t, cfg=cfg, temperature=0, steps=4, guide_frames=3)  # ar: guide every frame
+    # scale 1 is the conditional model alone: it skips the unconditional half, which must change nothing
     cond = greedy(text, 1.0)
+    assert torch.equal(greedy(text, 1.0 + 1e-6), cond)
     if mode == 'ar':
         assert torch.equal(m(text, cond)[0].argmax(-1), cond.view(2, -1))
     # scale 0 is the unconditional model alone

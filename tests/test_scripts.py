@@ -49,9 +49,9 @@ def test_bench_prior(mode):
     assert '(12 tokens/clip)' in r.stdout and 'MFU' in r.stdout
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--model=prior', f'--mode={mode}', '--n_layer', '1',
                         '--n_embd', '32', '--n_head', '2', '--grid', '2,2,2', '--text_len', '4', '--batch_size', '2',
-                        '--sample'], capture_output=True, text=True)
+                        '--sample', '--cfg', '1'], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert 's per clip' in r.stdout and ('faster' in r.stdout) == (mode == 'ar')
+    assert 's per clip' in r.stdout and ('faster' in r.stdout) == (mode == 'ar') and 'guidance 1 (off' in r.stdout
 
 
 def test_uncached_baseline_matches_the_cache():
@@ -61,4 +61,5 @@ def test_uncached_baseline_matches_the_cache():
     m = prior.Prior(prior.PriorConfig(vocab_size=30, text_vocab=20, text_len=4, grid=(2, 2, 2), n_layer=2, n_head=2,
                                       n_embd=32)).eval()
     text = torch.randint(20, (3, 4))
-    assert torch.equal(bench.uncached_ar(m, text, 3.0).view(3, 2, 2, 2), m.generate(text, temperature=0, cfg=3.0))
+    for cfg in (1.0, 3.0):
+        assert torch.equal(bench.uncached_ar(m, text, cfg).view(3, 2, 2, 2), m.generate(text, temperature=0, cfg=cfg))
