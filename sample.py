@@ -56,12 +56,16 @@ def load_tokenizer(ckpt: dict, device: str):
 def generate_codes(model, ids_per_window: list[torch.Tensor], n_latent: int, context: int, prefix=None,
                    generator=None, **kw) -> torch.Tensor:
     """Latent codes (B, n_latent, h, w): the first window from scratch (or from prefix), then windows that
-    keep the last `context` latent frames and add the rest, each with its own prompt ids."""
+    keep the last `context` latent frames and add the rest, each with its own prompt ids. A window whose
+    prompt differs from the last one's (a story's next part) is guided on all its frames (ar), so the new
+    prompt can steer against the context."""
     codes = model.generate(ids_per_window[0], prefix=prefix, generator=generator, **kw)  # (B, t, h, w)
     w = 1
     while codes.shape[1] < n_latent:
         ids = ids_per_window[min(w, len(ids_per_window) - 1)]
-        nxt = model.generate(ids, prefix=codes[:, -context:], generator=generator, **kw)
+        turn = not torch.equal(ids, ids_per_window[min(w - 1, len(ids_per_window) - 1)])
+        nxt = model.generate(ids, prefix=codes[:, -context:], generator=generator,
+                             **dict(kw, guide_frames=model.config.grid[0]) if turn else kw)
         codes = torch.cat([codes, nxt[:, context:]], 1)
         w += 1
     return codes[:, :n_latent]

@@ -106,3 +106,16 @@ def test_imports_alone(tmp_path):
     r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
                        env={**os.environ, 'PYTHONPATH': ''})
     assert r.stdout.strip() == 'ok', r.stderr
+
+
+def test_story_window_with_a_new_prompt_is_guided_throughout():
+    import sample
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY)).eval()
+    calls = []
+    generate = m.generate
+    m.generate = lambda *a, **kw: calls.append(kw.get('guide_frames')) or generate(*a, **kw)
+    a, b = batch()[0], batch(seed=1)[0]
+    codes = sample.generate_codes(m, [a, a, b, b], n_latent=6, context=2, temperature=0, guide_frames=1)
+    assert codes.shape == (2, 6, 2, 2)
+    assert calls == [1, 1, 3, 1]  # windows: a (new), a, b (the prompt changes: all 3 frames guided), b
