@@ -218,7 +218,7 @@ class Prior(nn.Module):
         """Sample one clip of codes (B, t, h, w) for text (B, L). prefix (B, t0, h, w): latent frames that are
         given (image to video, continuation) and kept. ar: token by token with a KV cache, guided on the first
         guide_frames latent frames it makes (t or more: all); the later frames follow them with the conditional
-        model alone, which keeps an unseen combination's colour from drifting to a seen one. mask: `steps`
+        model alone, which lessens an unseen combination's colour drift towards a seen one. mask: `steps`
         parallel decoding steps. cfg, temperature and guide_frames None are the mode's defaults (SAMPLING)."""
         c = self.config
         cfg = SAMPLING[c.mode]['cfg'] if cfg is None else cfg
