@@ -5,10 +5,11 @@
 #     bash pipeline.sh mask    # the masked prior; reuses the data and the tokenizer of an earlier run
 #
 # Each step is a plain command you can also run alone. Re-running continues: the data is reused and an
-# interrupted training resumes from its last checkpoint. The data holds out green triangles and small
-# cyan shapes, so eval.py also measures compositional generalisation on them.
+# interrupted training resumes from its last checkpoint. The prior's data holds out green triangles and
+# small cyan shapes, so eval.py also measures compositional generalisation on them. The tokenizer is a
+# codec that never reads a caption: it trains on every combination (TOK_DATA), so it can draw them all.
 # Extra flags per step come from the environment, e.g. PRIOR_FLAGS="--n_layer 8" bash pipeline.sh;
-# DATA and OUT move the data and the checkpoints (default data/shapes_holdout and out).
+# DATA, TOK_DATA and OUT move the data and the checkpoints (default data/shapes_holdout, data/shapes, out).
 set -euo pipefail
 MODE=${1:-ar}
 if [[ $MODE != ar && $MODE != mask ]]; then
@@ -16,6 +17,7 @@ if [[ $MODE != ar && $MODE != mask ]]; then
     exit 2
 fi
 DATA=${DATA:-data/shapes_holdout}
+TOK_DATA=${TOK_DATA:-data/shapes}
 OUT=${OUT:-out}
 TOK=$OUT/pipeline_tokenizer
 PRIOR=$OUT/pipeline_$MODE
@@ -33,7 +35,8 @@ resume() {  # --resume when an earlier run of this step left a checkpoint
 }
 
 step data python prepare_data.py --out "$DATA" --holdout "green triangle,small cyan" ${DATA_FLAGS:-}
-step tokenizer python train.py --model=tokenizer --data "$DATA" --out_dir "$TOK" --max_iters 2500 \
+step tokenizer_data python prepare_data.py --out "$TOK_DATA" ${DATA_FLAGS:-}
+step tokenizer python train.py --model=tokenizer --data "$TOK_DATA" --out_dir "$TOK" --max_iters 2500 \
     $(resume "$TOK") ${TOK_FLAGS:-}
 step prior python train.py --model=prior --mode=$MODE --data "$DATA" --tokenizer "$TOK/ckpt.pt" --out_dir "$PRIOR" \
     $(resume "$PRIOR") ${PRIOR_FLAGS:-}

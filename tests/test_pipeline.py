@@ -143,7 +143,7 @@ def test_eval_story_cli(run_dir, tmp_path):
 
 
 def test_pipeline_script(tmp_path):
-    env = dict(os.environ, DATA=str(tmp_path / 'data'), OUT=str(tmp_path / 'out'),
+    env = dict(os.environ, DATA=str(tmp_path / 'data'), TOK_DATA=str(tmp_path / 'tok_data'), OUT=str(tmp_path / 'out'),
                DATA_FLAGS='--n_train 24 --n_val 8 --size 32',
                TOK_FLAGS='--max_iters 2 --channels 8 --batch_size 2 --eval_iters 1 --dtype float32',
                PRIOR_FLAGS='--max_iters 2 ' + ' '.join(PRIOR), SAMPLE_FLAGS='--num_samples 1 --steps 2',
