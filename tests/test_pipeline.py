@@ -154,6 +154,11 @@ def test_pipeline_script(tmp_path):
     assert json.load(open(out / 'accuracy.json'))['all_prompts']['n'] == 4
     assert len([f for f in os.listdir(out / 'samples') if f.endswith('.gif')]) == 6
     assert 'done in' in r.stdout
+    # the tokenizer learns every combination; the prior only the data with combinations held out
+    tok = torch.load(tmp_path / 'out' / 'pipeline_tokenizer' / 'ckpt.pt', weights_only=True)
+    assert tok['args']['data'] == str(tmp_path / 'tok_data')
+    assert json.load(open(tmp_path / 'tok_data' / 'meta.json'))['holdout'] == ''
+    assert json.load(open(tmp_path / 'data' / 'meta.json'))['holdout']
     # a second run reuses the data and resumes both trainings at their end
     r = subprocess.run(['bash', os.path.join(ROOT, 'pipeline.sh'), 'mask'], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
