@@ -133,9 +133,7 @@ def uncached_ar(model, text, cfg: float):
     for i in range(model.n_video):
         if i == prior.SAMPLING['ar']['guide_frames'] * h * w:
             text2, cfg = text, 1.0
-        x = model.embed(text2, video.repeat(text2.shape[0] // text.shape[0], 1))
-        for block in model.blocks:
-            x = block(x, causal=True)
+        x = model.transformer(model.embed(text2, video.repeat(text2.shape[0] // text.shape[0], 1)), causal=True)
         logits = model.guided(model.head(model.ln_f(x[:, -1])), cfg)
         video = torch.cat([video, logits.argmax(-1, keepdim=True)], 1)
     return video

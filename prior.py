@@ -8,13 +8,16 @@ Two modes, one set of weights and code:
         cosine-scheduled share of the tokens is replaced by a mask token; sampling fills the clip in a
         few parallel steps, keeping the most confident predictions.
 Both drop the text with a small probability in training, so sampling can use classifier-free guidance.
-Positions are learned and factorised over (time, height, width), so a model trained on t latent frames
-can continue a video through a sliding window of t frames.
+Positions are learned and factorised over (time, height, width), plus rotary embeddings over the same three
+axes on queries and keys, so attention scores see offsets between tokens (on shapes the masked prior draws
+the right shape far more often with them). A model trained on t latent frames continues a video through a
+sliding window of t frames.
 
 References:
 - DALL-E: https://arxiv.org/abs/2102.12092      - VideoGPT: https://arxiv.org/abs/2104.10157
 - MaskGIT: https://arxiv.org/abs/2202.04200     - Phenaki: https://arxiv.org/abs/2210.02399
 - Classifier-free guidance: https://arxiv.org/abs/2207.12598
+- Rotary embeddings: https://arxiv.org/abs/2104.09864, in 2D for vision: https://arxiv.org/abs/2403.13298
 
 Shapes: B batch, L text tokens, N = t*h*w video tokens, C channels, V video vocabulary.
 """
@@ -32,6 +35,33 @@ SAMPLING = {'ar': dict(cfg=2.0, temperature=0.4, guide_frames=1), 'mask': dict(c
 CHOICE_TEMPERATURE = 4.5  # mask: scale of the noise on the confidence that picks the tokens to keep (MaskGIT)
 
 
+def rope_tables(grid, text_len: int, head_size: int, base: float = 100.0):
+    """Rotary position tables (cos, sin), each (text_len + t*h*w, head_size), for [text ; video] tokens: the
+    head's channel pairs are split between time, height and width (about 1/4, 3/8, 3/8), each pair turned by
+    its axis position times a frequency. Text tokens are not turned. The dot product of a query and a key then
+    depends on their offset in (t, h, w), so attention learns neighbourhoods (RoFormer, RoPE-ViT)."""
+    t, h, w = grid
+    pairs = head_size // 2
+    n_t = pairs // 4
+    n_h = (pairs - n_t) // 2
+    angles = []
+    for n_axis, size, axis in ((n_t, t, 0), (n_h, h, 1), (pairs - n_t - n_h, w, 2)):
+        freq = base ** (-torch.arange(n_axis) / max(1, n_axis))  # (n_axis,)
+        pos = torch.arange(size).float()
+        shape = [1, 1, 1]
+        shape[axis] = size
+        angles.append((pos[:, None] * freq).view(*shape, n_axis).expand(t, h, w, n_axis))
+    angles = torch.cat(angles, -1).reshape(t * h * w, pairs)
+    angles = torch.cat([torch.zeros(text_len, pairs), angles]).repeat_interleave(2, -1)  # (L + N, head_size)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    """Turn each channel pair (x0, x1) of x (..., S, hd) by the angles of its position: (x0 cos - x1 sin, x1 cos + x0 sin)."""
+    pair = torch.stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2)  # (-x1, x0) per pair
+    return (x * cos + pair * sin).to(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
@@ -39,11 +69,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
 
-    def forward(self, x, causal: bool, cache=None):
-        """cache: a dict {'size': sequence length} that this layer fills with its keys and values (sampling); x then
-        holds only the new tokens."""
+    def forward(self, x, causal: bool, rope, cache=None):
+        """rope: (cos, sin) of the positions of x, each (S, head size) (rotate). cache: a dict {'size': sequence
+        length} that this layer fills with its keys and values (sampling); x then holds only the new tokens."""
         B, S, C = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, S, hd)
+        q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:  # keys and values go into buffers sized for the whole sequence: no copy per token
             if 'k' not in cache:
                 shape = (B, self.n_head, cache['size'], C // self.n_head)
@@ -68,8 +99,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(approximate='tanh'), nn.Linear(4 * n_embd, n_embd))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, causal: bool, cache=None):
-        x = x + self.drop(self.attn(self.ln1(x), causal, cache))
+    def forward(self, x, causal: bool, rope, cache=None):
+        x = x + self.drop(self.attn(self.ln1(x), causal, rope, cache))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -86,6 +117,7 @@ class PriorConfig:
     n_embd: int = 192
     dropout: float = 0.0
     cfg_drop: float = 0.1  # probability of training on the unconditional prompt (for guidance)
+    rope: bool = True  # rotary (t, h, w) positions on queries and keys, on top of the learned ones
 
 
 class Prior(nn.Module):
@@ -108,6 +140,11 @@ class Prior(nn.Module):
         self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout) for _ in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.n_embd)
         self.head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        cos, sin = rope_tables(c.grid, c.text_len, c.n_embd // c.n_head)
+        if not c.rope:  # no turn: the identity
+            cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(('attn.proj.weight', 'mlp.2.weight')):  # GPT-2's scaled residual projections
@@ -136,6 +173,14 @@ class Prior(nn.Module):
         x_video = self.tok_emb(video) + self.video_pos()[:video.shape[1]]
         return torch.cat([x_text, x_video], 1)
 
+    def transformer(self, x, causal: bool, start: int = 0, caches=None):
+        """The blocks on x (B, S, C), the embeddings of sequence positions start .. start + S; caches: one
+        dict per block for sampling with a KV cache (see Attention)."""
+        rope = self.rope_cos[start:start + x.shape[1]], self.rope_sin[start:start + x.shape[1]]
+        for i, block in enumerate(self.blocks):
+            x = block(x, causal, rope, None if caches is None else caches[i])
+        return x
+
     def drop_text(self, text):
         """Replace whole captions by the unconditional prompt with probability cfg_drop."""
         drop = torch.rand(text.shape[0], 1, device=text.device) < self.config.cfg_drop
@@ -157,9 +202,7 @@ class Prior(nn.Module):
         if self.training:
             text = self.drop_text(text)
         if self.config.mode == 'ar':
-            x = self.embed(text, video[:, :-1])  # the last token is never an input
-            for block in self.blocks:
-                x = block(x, causal=True)
+            x = self.transformer(self.embed(text, video[:, :-1]), causal=True)  # the last token is never an input
             logits = self.head(self.ln_f(x[:, L - 1:]))  # (B, N, V): from the last text token on
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), video.reshape(-1))
             return logits, loss
@@ -169,9 +212,7 @@ class Prior(nn.Module):
         k = (ratio * n).ceil().clamp(min=1)
         rank = torch.rand(B, n, device=video.device).argsort(1).argsort(1)
         masked = rank < k  # (B, N)
-        x = self.embed(text, torch.where(masked, self.mask_id, video))
-        for block in self.blocks:
-            x = block(x, causal=False)
+        x = self.transformer(self.embed(text, torch.where(masked, self.mask_id, video)), causal=False)
         logits = self.head(self.ln_f(x[:, L:]))
         # the mean over the masked tokens, as a weighted mean over all tokens: no data-dependent shapes (compile)
         ce = F.cross_entropy(logits.float().transpose(1, 2), video, reduction='none')  # (B, N)
@@ -254,8 +295,7 @@ class Prior(nn.Module):
                 copies, cfg, x = 1, 1.0, x[:B]
                 for cache in caches:
                     cache['k'], cache['v'] = cache['k'][:B], cache['v'][:B]
-            for block, cache in zip(self.blocks, caches):
-                x = block(x, causal=True, cache=cache)
+            x = self.transformer(x, causal=True, start=caches[0].get('n', 0), caches=caches)
             logits = self.guided(self.head(self.ln_f(x[:, -1])), cfg)  # (B, V)
             video[:, i] = self.sample_logits(logits, temperature, top_k, top_p, generator)
             x = self.tok_emb(video[:, i:i + 1].repeat(copies, 1)) + pos[i:i + 1]  # (copies * B, 1, C)
@@ -267,9 +307,7 @@ class Prior(nn.Module):
         n_free = N - given
         copies = text2.shape[0] // B  # 2 with guidance
         for s in range(steps):
-            x = self.embed(text2, torch.where(known, video, self.mask_id).repeat(copies, 1))
-            for block in self.blocks:
-                x = block(x, causal=False)
+            x = self.transformer(self.embed(text2, torch.where(known, video, self.mask_id).repeat(copies, 1)), causal=False)
             logits = self.guided(self.head(self.ln_f(x[:, -N:])), cfg).float()  # (B, N, V)
             gumbel = lambda shape: -torch.log(-torch.log(torch.rand(shape, generator=generator, device=logits.device)
                                                          .clamp(1e-20, 1)))

@@ -179,9 +179,12 @@ def load_checkpoint(path: str) -> dict:
         raise TrainError(f'no checkpoint at {path}; train one with python train.py --model=... --out_dir '
                          f'{os.path.dirname(path) or "."} (or drop --resume to start from scratch)')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise TrainError(f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})') from None
+    if ckpt.get('model_type') == 'prior':  # priors saved before rotary positions were added had none
+        ckpt['config'].setdefault('rope', False)
+    return ckpt
 
 
 def load_model(path: str, device: str = 'cpu', use_ema: bool = True):

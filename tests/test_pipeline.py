@@ -44,6 +44,18 @@ def test_prior_checkpoint_carries_tokenizer_and_codes_are_cached(run_dir):
     assert os.path.exists(run_dir / 'ar' / 'sample_000002.png')
 
 
+def test_prior_checkpoint_from_before_rope_loads_without_it(run_dir, tmp_path):
+    ckpt = torch.load(run_dir / 'ar' / 'ckpt.pt', weights_only=True)
+    assert ckpt['config']['rope'] is True
+    new, _ = train.load_model(str(run_dir / 'ar' / 'ckpt.pt'))
+    del ckpt['config']['rope']  # as written before rotary positions existed
+    torch.save(ckpt, tmp_path / 'old.pt')
+    old, _ = train.load_model(str(tmp_path / 'old.pt'))
+    assert old.config.rope is False and torch.all(old.rope_sin == 0)
+    text, codes = torch.ones(1, old.config.text_len, dtype=torch.long), torch.zeros(1, *old.config.grid, dtype=torch.long)
+    assert not torch.allclose(old(text, codes)[0], new(text, codes)[0])
+
+
 @pytest.mark.parametrize('mode', ['ar', 'mask'])
 def test_sample_cli(run_dir, mode, tmp_path):
     out = tmp_path / 's'

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from prior import Prior, PriorConfig
+from prior import Prior, PriorConfig, rope_tables, rotate
 
 TINY = dict(vocab_size=30, text_vocab=20, text_len=4, grid=(3, 2, 2), n_layer=2, n_head=2, n_embd=32)
 
@@ -26,6 +26,23 @@ def test_ar_is_causal():
     logits2, _ = m(text, changed.view_as(codes))
     assert torch.allclose(logits[:, :8], logits2[:, :8], atol=1e-5)
     assert not torch.allclose(logits[:, 8:], logits2[:, 8:], atol=1e-3)
+
+
+def test_rope_depends_on_the_offset_only():
+    grid, L, hd = (3, 4, 5), 2, 16
+    cos, sin = rope_tables(grid, L, hd)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, hd, generator=g)
+    pos = lambda t, h, w: L + (t * grid[1] + h) * grid[2] + w
+
+    def dot(i, j):
+        return (rotate(q, cos[i], sin[i]) * rotate(k, cos[j], sin[j])).sum()
+    # the same (t, h, w) offset at two places: the same score; another offset: another score
+    assert torch.allclose(dot(pos(0, 1, 2), pos(1, 3, 1)), dot(pos(1, 0, 3), pos(2, 2, 2)), atol=1e-5)
+    for other in (pos(1, 3, 2), pos(1, 2, 1), pos(0, 3, 1)):  # one axis moved
+        assert not torch.allclose(dot(pos(0, 1, 2), pos(1, 3, 1)), dot(pos(0, 1, 2), other), atol=1e-3)
+    # text is not turned; a turn keeps the norm
+    assert torch.equal(rotate(q, cos[1], sin[1]), q) and torch.allclose(rotate(q, cos[L + 5], sin[L + 5]).norm(), q.norm())
 
 
 @pytest.mark.parametrize('cfg, given, guide_frames', [(1.0, 0, 1), (2.5, 0, 3), (2.5, 0, 1), (2.5, 1, 1)])
