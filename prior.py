@@ -128,6 +128,9 @@ class Prior(nn.Module):
             raise ValueError(f"mode must be 'ar' or 'mask', got {c.mode!r}")
         if c.n_embd % c.n_head:
             raise ValueError(f'n_embd {c.n_embd} must divide by n_head {c.n_head}')
+        if c.rope and (c.n_embd // c.n_head) % 2:
+            raise ValueError(f'rotary positions turn channel pairs: the head size n_embd / n_head = {c.n_embd // c.n_head} '
+                             'must be even (or --no-rope)')
         if len(c.grid) != 3:
             raise ValueError(f'grid is (frames, height, width) of the latent clip, got {c.grid}')
         self.config = c

@@ -109,6 +109,9 @@ def test_overfit_one_batch(mode):
 def test_bad_inputs():
     with pytest.raises(ValueError, match="'ar' or 'mask'"):
         Prior(PriorConfig(mode='diffusion'))
+    with pytest.raises(ValueError, match='must be even'):
+        Prior(PriorConfig(**dict(TINY, n_embd=30)))  # head size 15
+    Prior(PriorConfig(**dict(TINY, n_embd=30), rope=False))
     m = Prior(PriorConfig(**TINY))
     text, codes = batch()
     with pytest.raises(ValueError, match='text must be'):
