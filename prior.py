@@ -118,6 +118,7 @@ class PriorConfig:
     dropout: float = 0.0
     cfg_drop: float = 0.1  # probability of training on the unconditional prompt (for guidance)
     rope: bool = True  # rotary (t, h, w) positions on queries and keys, on top of the learned ones
+    prefix_prob: float = 0.5  # mask: share of training clips whose first 1 .. t-1 latent frames stay visible
 
 
 class Prior(nn.Module):
@@ -209,18 +210,26 @@ class Prior(nn.Module):
             logits = self.head(self.ln_f(x[:, L - 1:]))  # (B, N, V): from the last text token on
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), video.reshape(-1))
             return logits, loss
-        # mask: a cosine-scheduled share of the tokens (at least one) is hidden
-        n = video.shape[1]
-        ratio = torch.cos(torch.rand(B, 1, device=video.device) * math.pi / 2)
-        k = (ratio * n).ceil().clamp(min=1)
-        rank = torch.rand(B, n, device=video.device).argsort(1).argsort(1)
-        masked = rank < k  # (B, N)
+        masked = self.mask_pattern(B, video.device)  # (B, N)
         x = self.transformer(self.embed(text, torch.where(masked, self.mask_id, video)), causal=False)
         logits = self.head(self.ln_f(x[:, L:]))
         # the mean over the masked tokens, as a weighted mean over all tokens: no data-dependent shapes (compile)
         ce = F.cross_entropy(logits.float().transpose(1, 2), video, reduction='none')  # (B, N)
         loss = (ce * masked).sum() / masked.sum()
         return logits, loss
+
+    def mask_pattern(self, B: int, device) -> torch.Tensor:
+        """mask mode's training pattern, (B, N) bool: a cosine-scheduled share of the tokens (at least one) is
+        hidden. With probability prefix_prob a clip first keeps its first 1 .. t-1 latent frames visible and the
+        share is of the tokens after them: the continuation the sliding window and image-to-video ask for."""
+        (t, h, w), n = self.config.grid, self.n_video
+        ratio = torch.cos(torch.rand(B, 1, device=device) * math.pi / 2)
+        prefix = torch.randint(1, max(t, 2), (B, 1), device=device) * h * w
+        use = torch.rand(B, 1, device=device) < (self.config.prefix_prob if t > 1 else 0.0)
+        prefix = torch.where(use, prefix, 0)
+        k = (ratio * (n - prefix)).ceil().clamp(min=1)
+        score = torch.rand(B, n, device=device) + (torch.arange(n, device=device) < prefix)  # prefix ranks last
+        return score.argsort(1).argsort(1) < k
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str):
         """AdamW; decay the matrices (and embeddings), not biases, norms or positions."""

@@ -182,8 +182,9 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise TrainError(f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})') from None
-    if ckpt.get('model_type') == 'prior':  # priors saved before rotary positions were added had none
+    if ckpt.get('model_type') == 'prior':  # priors saved before rotary positions / prefix training had neither
         ckpt['config'].setdefault('rope', False)
+        ckpt['config'].setdefault('prefix_prob', 0.0)
     return ckpt
 
 

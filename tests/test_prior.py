@@ -88,6 +88,25 @@ def test_prefix_is_kept_and_every_token_filled(mode):
     assert out.min() >= 0 and out.max() < 30  # no mask token left
 
 
+@pytest.mark.parametrize('prefix_prob', [0.0, 0.5, 1.0])
+def test_mask_pattern_hides_a_share_and_never_a_kept_prefix(prefix_prob):
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY, mode='mask', prefix_prob=prefix_prob))
+    masked = m.mask_pattern(4000, 'cpu').view(4000, 3, 4)  # grid (3, 2, 2): frames of 4 tokens
+    assert masked.flatten(1).sum(1).min() >= 1  # at least one token to learn from
+    first = masked[:, 0].any(1)  # clips that hide anything in the first latent frame had no prefix
+    share = 1 - first.float().mean().item()
+    # without a prefix, frame 0 keeps all 4 tokens only when few are hidden (~15 % of clips here)
+    if prefix_prob == 0.0:
+        assert share < 0.25
+    else:  # a prefix keeps 1 or 2 whole frames and hides at least one token after them
+        assert abs(share - prefix_prob) < 0.2
+        kept_two = ~masked[:, :2].flatten(1).any(1)
+        assert masked[kept_two, 2].any(1).all()
+    if prefix_prob == 1.0:
+        assert not masked[:, 0].any()
+
+
 @pytest.mark.parametrize('mode', ['ar', 'mask'])
 def test_overfit_one_batch(mode):
     torch.manual_seed(0)
