@@ -103,11 +103,13 @@ OPPOSITE = {'left': 'right', 'right': 'left', 'up': 'down', 'down': 'up'}
 
 
 @torch.no_grad()
-def eval_story(model, ckpt, n_stories: int, frames: int, batch_size: int, device: str, seed: int, **kw) -> dict:
-    """Two-prompt stories (sample.py --story "A|B"): one object that turns round, its motion changing from A's
-    to the opposite in B, made through the sliding window. Each segment is judged on its first
-    training-length clip. (A shape keeps moving one way for at most about 20 frames of the training clips
-    before it would leave the canvas, so a turn is what the second prompt can ask for at any position.)"""
+def eval_story(model, ckpt, n_stories: int, frames: int, cut: int | None, batch_size: int, device: str, seed: int,
+               **kw) -> dict:
+    """Two-prompt stories: one object that turns round, its motion changing from A's to the opposite in B,
+    made through the sliding window; B's windows start at frame `cut` (None: after one clip; 0: the even
+    split of sample.py --story "A|B"). Each segment is judged on its first training-length clip. A shape
+    of the training clips travels 0.35-0.5 of the canvas in a clip and never leaves it, so it can keep
+    going one way for about one clip; after that, turning round is the one motion it has room for."""
     import sample
     meta, tok = ckpt['data_meta'], sample.load_tokenizer(ckpt, device)
     t = model.config.grid[0]
@@ -117,8 +119,14 @@ def eval_story(model, ckpt, n_stories: int, frames: int, batch_size: int, device
         raise train.TrainError(f'--story_frames must be 1 + {ft}k and more than the {clip} of a clip, got {frames}')
     n_latent, context = 1 + (frames - 1) // ft, (t + 1) // 2
     n_win = sample.windows_needed(n_latent, t, context)
-    second = sample.story_windows(['A', 'B'], n_win).index('B')
-    cut = sample.window_start_frame(second, t, context, ft)  # segment A is frames [0, cut), B [cut, frames)
+    starts = [sample.window_start_frame(k, t, context, ft) for k in range(1, n_win)]
+    if cut is None:
+        cut = clip
+    elif cut == 0:
+        cut = starts[sample.story_windows(['A', 'B'], n_win).index('B') - 1]
+    if cut not in starts:
+        raise train.TrainError(f'--story_cut must be a frame where a window starts, one of {starts}, got {cut}')
+    windows = ['A' if k == 0 or starts[k - 1] < cut else 'B' for k in range(n_win)]  # A is frames [0, cut)
     if cut + clip > frames:
         raise train.TrainError(f'--story_frames {frames} leaves the second prompt fewer than {clip} frames; give more')
     rng = np.random.default_rng(seed)
@@ -132,7 +140,7 @@ def eval_story(model, ckpt, n_stories: int, frames: int, batch_size: int, device
     for i in range(0, n_stories, batch_size):
         part = stories[i:i + batch_size]
         ids = [sample.encode_prompts([s[w == 'B'] for s in part], text_meta).to(device)
-               for w in sample.story_windows(['A', 'B'], n_win)]
+               for w in windows]
         codes = sample.generate_codes(model, ids, n_latent, context, generator=g, **kw)
         videos = prepare_data.to_uint8(tok.decode(codes))  # (n, frames, H, W, 3)
         seg_a.append(videos[:, :clip])
@@ -162,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument('--seed', type=int, default=0, help='prior: sampling seed')
     p.add_argument('--story', type=int, default=0, help='prior: measure this many two-prompt stories instead (long videos)')
     p.add_argument('--story_frames', type=int, default=65, help='prior: frames of each story video')
+    p.add_argument('--story_cut', type=int, default=None, help='prior: the frame where the second prompt '
+                   'starts (default: after one training clip; 0 = the even split of sample.py --story)')
     args = p.parse_args(argv)
     try:
         model, ckpt = train.load_model(args.ckpt, args.device)
@@ -178,7 +188,8 @@ def main(argv=None) -> int:
             kw = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, steps=args.steps,
                       guide_frames=args.guide_frames)
             if args.story:
-                out = eval_story(model, ckpt, args.story, args.story_frames, args.batch_size, args.device, args.seed, **kw)
+                out = eval_story(model, ckpt, args.story, args.story_frames, args.story_cut, args.batch_size,
+                                 args.device, args.seed, **kw)
             else:
                 out = eval_prior(model, ckpt, args.n_prompts, args.samples_per_prompt, args.batch_size, args.device,
                                  args.seed, **kw)

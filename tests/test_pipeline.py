@@ -147,10 +147,17 @@ def test_eval_story_cli(run_dir, tmp_path):
     code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '2', '--json', str(tmp_path / 's.json'))
     assert code == 0, log
     out = json.load(open(tmp_path / 's.json'))
-    # 65 frames = 17 latent frames: 7 windows of 5 keeping 3, the last 3 windows for the second prompt
-    assert out['frames'] == 65 and out['segment_frames'] == [[0, 41], [41, 65]]
+    # 65 frames = 17 latent frames: 7 windows of 5 keeping 3; the second prompt from the second window on
+    assert out['frames'] == 65 and out['segment_frames'] == [[0, 17], [17, 65]]
     assert out['segment_1']['n'] == 2 and out['segment_2']['n'] == 2
-    code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '2', '--story_frames', '49')
+    code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '1', '--story_cut', '0',
+                    '--json', str(tmp_path / 's.json'))
+    assert code == 0, log  # the even split of sample.py --story: the last 3 windows for the second prompt
+    assert json.load(open(tmp_path / 's.json'))['segment_frames'] == [[0, 41], [41, 65]]
+    code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '1', '--story_cut', '20')
+    assert code == 2 and 'one of [17, 25, 33, 41, 49, 57]' in log and 'Traceback' not in log, log
+    code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '2', '--story_frames', '49',
+                    '--story_cut', '41')
     assert code == 2 and 'fewer than 17 frames' in log and 'Traceback' not in log, log
 
 
