@@ -117,3 +117,13 @@ def test_ddp_gan_step(data, tmp_path):
     assert 'g_adv' in r.stdout and ' d ' in r.stdout
     ckpt = torch.load(tmp_path / 'gan' / 'ckpt.pt', weights_only=True)
     assert any(k.startswith('disc.') for k in ckpt['model'])
+
+
+@pytest.mark.parametrize('has_bf16', [False, True])
+def test_auto_dtype_is_bfloat16_only_on_cpus_that_have_it(data, tmp_path, monkeypatch, has_bf16):
+    monkeypatch.setattr(train, 'cpu_has_bf16', lambda: has_bf16)  # AVX2-only CPUs emulate bfloat16 ~100x slower
+    args = [a for a in TINY if a not in ('--dtype', 'float32')]
+    assert train.main(['--model=tokenizer', '--data', data, '--out_dir', str(tmp_path), '--max_iters', '1',
+                       '--device', 'cpu', *args]) == 0
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['args']['dtype'] == ('bfloat16' if has_bf16 else 'float32')
