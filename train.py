@@ -37,7 +37,7 @@ MODELS = {  # --model -> (config class, model class)
     'prior': (prior_lib.PriorConfig, prior_lib.Prior),
 }
 DEFAULTS = {  # per-model defaults of the training flags: the small CPU run
-    'tokenizer': dict(batch_size=8, lr=2e-3, max_iters=4000, warmup_iters=100, weight_decay=0.0, eval_interval=500),
+    'tokenizer': dict(batch_size=8, lr=1e-3, max_iters=4000, warmup_iters=100, weight_decay=0.0, eval_interval=500),
     'prior': dict(batch_size=8, lr=2e-3, max_iters=4000, warmup_iters=100, weight_decay=0.1, eval_interval=500),
 }
 DERIVED = {  # config fields that follow from the data and the tokenizer, not from flags
