@@ -127,3 +127,11 @@ def test_auto_dtype_is_bfloat16_only_on_cpus_that_have_it(data, tmp_path, monkey
                        '--device', 'cpu', *args]) == 0
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['args']['dtype'] == ('bfloat16' if has_bf16 else 'float32')
+
+
+def test_training_defaults_follow_the_model_and_the_prior_mode():
+    steps = lambda *argv: train.get_args(list(argv))[0].max_iters  # noqa: E731
+    assert steps('--model=tokenizer') == train.DEFAULTS['tokenizer']['max_iters']
+    assert steps('--model=prior') == steps('--model=prior', '--mode=ar') == train.DEFAULTS['prior']['max_iters']
+    assert steps('--model=prior', '--mode', 'mask') == train.MODE_DEFAULTS['prior', 'mask']['max_iters'] > steps('--model=prior')
+    assert steps('--model=prior', '--mode=mask', '--max_iters', '5') == 5  # a flag still wins
