@@ -73,7 +73,11 @@ class Attention(nn.Module):
         """rope: (cos, sin) of the positions of x, each (S, head size) (rotate). cache: a dict {'size': sequence
         length} that this layer fills with its keys and values (sampling); x then holds only the new tokens."""
         B, S, C = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, S, hd)
+        qkv = self.qkv(x)
+        dtype = qkv.dtype
+        if x.device.type == 'cpu':  # PyTorch's CPU flash kernel is faster in float32 than in bfloat16: one cast here
+            qkv = qkv.float()
+        q, k, v = qkv.view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, S, hd)
         q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:  # keys and values go into buffers sized for the whole sequence: no copy per token
             if 'k' not in cache:
@@ -83,9 +87,6 @@ class Attention(nn.Module):
             cache['k'][:, :, n - S:n], cache['v'][:, :, n - S:n] = k, v
             k, v, cache['n'] = cache['k'][:, :, :n], cache['v'][:, :, :n], n
         # with a cache and one new token, the query may see every key: no mask needed
-        dtype = q.dtype
-        if q.device.type == 'cpu':  # PyTorch's CPU flash kernel is faster in float32 than in bfloat16
-            q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] == k.shape[2],
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.to(dtype).transpose(1, 2).reshape(B, S, C))
@@ -96,7 +97,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(n_embd), Attention(n_embd, n_head, dropout)
         self.ln2 = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(approximate='tanh'), nn.Linear(4 * n_embd, n_embd))
+        # the exact GELU: in bfloat16 on CPU the tanh approximation's forward + backward is 6x slower
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, causal: bool, rope, cache=None):
@@ -214,7 +216,7 @@ class Prior(nn.Module):
         x = self.transformer(self.embed(text, torch.where(masked, self.mask_id, video)), causal=False)
         logits = self.head(self.ln_f(x[:, L:]))
         # the mean over the masked tokens, as a weighted mean over all tokens: no data-dependent shapes (compile)
-        ce = F.cross_entropy(logits.float().transpose(1, 2), video, reduction='none')  # (B, N)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), video.flatten(), reduction='none').view(B, -1)  # (B, N)
         loss = (ce * masked).sum() / masked.sum()
         return logits, loss
 
