@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -298,6 +299,10 @@ def train(args, overrides):
         torch.backends.cudnn.allow_tf32 = True
     if args.compile is None:
         args.compile = device_type == 'cuda'
+    if args.compile and device_type == 'cpu' and not any(shutil.which(c) for c in ('g++', 'c++', 'clang++')):
+        print('train.py: --compile needs a C++ compiler on CPU (g++ or clang++) and none is installed; '
+              'training without it', file=sys.stderr)
+        args.compile = False
     args.out_dir = args.out_dir or os.path.join('out', args.model)
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.lr_decay_iters = args.max_iters if args.lr_decay_iters is None else args.lr_decay_iters

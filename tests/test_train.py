@@ -135,3 +135,11 @@ def test_training_defaults_follow_the_model_and_the_prior_mode():
     assert steps('--model=prior') == steps('--model=prior', '--mode=ar') == train.DEFAULTS['prior']['max_iters']
     assert steps('--model=prior', '--mode', 'mask') == train.MODE_DEFAULTS['prior', 'mask']['max_iters'] > steps('--model=prior')
     assert steps('--model=prior', '--mode=mask', '--max_iters', '5') == 5  # a flag still wins
+
+
+def test_compile_without_a_cpp_compiler_trains_eagerly(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train.shutil, 'which', lambda name: None)  # torch.compile on CPU needs g++ or clang++
+    assert train.main(['--model=tokenizer', '--data', data, '--out_dir', str(tmp_path), '--max_iters', '1',
+                       '--device', 'cpu', '--compile', *TINY]) == 0
+    assert 'needs a C++ compiler' in capsys.readouterr().err
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['args']['compile'] is False
