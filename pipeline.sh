@@ -39,7 +39,7 @@ step tokenizer_data python prepare_data.py --out "$TOK_DATA" ${DATA_FLAGS:-}
 step tokenizer python train.py --model=tokenizer --data "$TOK_DATA" --out_dir "$TOK" --max_iters 2500 \
     $(resume "$TOK") ${TOK_FLAGS:-}
 step prior python train.py --model=prior --mode=$MODE --data "$DATA" --tokenizer "$TOK/ckpt.pt" --out_dir "$PRIOR" \
-    $(resume "$PRIOR") ${PRIOR_FLAGS:-}
+    --compile $(resume "$PRIOR") ${PRIOR_FLAGS:-}
 step samples python sample.py --ckpt "$PRIOR/ckpt.pt" --out "$PRIOR/samples" --num_samples 4 --no_mp4 \
     --prompt "a big red circle moving left" --prompt "a small blue square moving up" \
     --prompt "a big yellow cross moving right" --prompt "a small magenta triangle moving down" \
