@@ -104,7 +104,7 @@ OPPOSITE = {'left': 'right', 'right': 'left', 'up': 'down', 'down': 'up'}
 
 @torch.no_grad()
 def eval_story(model, ckpt, n_stories: int, frames: int, cut: int | None, batch_size: int, device: str, seed: int,
-               **kw) -> dict:
+               turn_context: int = 1, **kw) -> dict:
     """Two-prompt stories: one object that turns round, its motion changing from A's to the opposite in B,
     made through the sliding window; B's windows start at frame `cut` (None: after one clip; 0: the even
     split of sample.py --story "A|B"). Each segment is judged on its first training-length clip. A shape
@@ -118,6 +118,8 @@ def eval_story(model, ckpt, n_stories: int, frames: int, cut: int | None, batch_
     if frames <= clip or (frames - 1) % ft:
         raise train.TrainError(f'--story_frames must be 1 + {ft}k and more than the {clip} of a clip, got {frames}')
     n_latent, context = 1 + (frames - 1) // ft, (t + 1) // 2
+    if not 1 <= turn_context < t:
+        raise train.TrainError(f'--turn_context must be between 1 and {t - 1} latent frames, got {turn_context}')
     n_win = sample.windows_needed(n_latent, t, context)
     starts = [sample.window_start_frame(k, t, context, ft) for k in range(1, n_win)]
     if cut is None:
@@ -141,7 +143,7 @@ def eval_story(model, ckpt, n_stories: int, frames: int, cut: int | None, batch_
         part = stories[i:i + batch_size]
         ids = [sample.encode_prompts([s[w == 'B'] for s in part], text_meta).to(device)
                for w in windows]
-        codes = sample.generate_codes(model, ids, n_latent, context, generator=g, **kw)
+        codes = sample.generate_codes(model, ids, n_latent, context, generator=g, turn_context=turn_context, **kw)
         videos = prepare_data.to_uint8(tok.decode(codes))  # (n, frames, H, W, 3)
         seg_a.append(videos[:, :clip])
         seg_b.append(videos[:, cut:cut + clip])
@@ -172,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument('--story_frames', type=int, default=65, help='prior: frames of each story video')
     p.add_argument('--story_cut', type=int, default=None, help='prior: the frame where the second prompt '
                    'starts (default: after one training clip; 0 = the even split of sample.py --story)')
+    p.add_argument('--turn_context', type=int, default=1, help='prior: latent frames kept where the prompt changes '
+                   '(as sample.py --turn_context)')
     args = p.parse_args(argv)
     try:
         model, ckpt = train.load_model(args.ckpt, args.device)
@@ -189,7 +193,7 @@ def main(argv=None) -> int:
                       guide_frames=args.guide_frames)
             if args.story:
                 out = eval_story(model, ckpt, args.story, args.story_frames, args.story_cut, args.batch_size,
-                                 args.device, args.seed, **kw)
+                                 args.device, args.seed, turn_context=args.turn_context, **kw)
             else:
                 out = eval_prior(model, ckpt, args.n_prompts, args.samples_per_prompt, args.batch_size, args.device,
                                  args.seed, **kw)

@@ -96,6 +96,7 @@ def test_long_story_and_image(run_dir, tmp_path):
     (['--prompt', 'a ' * 40], 'tokens; this model reads at most'),
     (['--prompt', 'a red ball', '--frames', '20'], '--frames must be 1 + 4k'),
     (['--prompt', 'a red ball', '--guide_frames', '0'], 'guide_frames must be at least 1'),
+    (['--story', 'a red ball|a blue ball', '--frames', '33', '--turn_context', '0'], '--turn_context must be between 1'),
     (['--ckpt', 'MASK', '--prompt', 'a red ball', '--guide_frames', '2'], '--guide_frames is for ar priors'),
 ])
 def test_sample_errors(run_dir, argv, words):
@@ -147,7 +148,8 @@ def test_eval_story_cli(run_dir, tmp_path):
     code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '2', '--json', str(tmp_path / 's.json'))
     assert code == 0, log
     out = json.load(open(tmp_path / 's.json'))
-    # 65 frames = 17 latent frames: 7 windows of 5 keeping 3; the second prompt from the second window on
+    # 65 frames = 17 latent frames in windows of 5 keeping 3 (1 where the prompt changes); the second prompt
+    # from the second window on
     assert out['frames'] == 65 and out['segment_frames'] == [[0, 17], [17, 65]]
     assert out['segment_1']['n'] == 2 and out['segment_2']['n'] == 2
     code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '1', '--story_cut', '0',
@@ -159,6 +161,8 @@ def test_eval_story_cli(run_dir, tmp_path):
     code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '2', '--story_frames', '49',
                     '--story_cut', '41')
     assert code == 2 and 'fewer than 17 frames' in log and 'Traceback' not in log, log
+    code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '1', '--turn_context', '5')
+    assert code == 2 and '--turn_context must be between 1 and 4' in log and 'Traceback' not in log, log
 
 
 def test_pipeline_script(tmp_path):

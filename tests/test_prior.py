@@ -147,17 +147,27 @@ def test_imports_alone(tmp_path):
     assert r.stdout.strip() == 'ok', r.stderr
 
 
-def test_story_window_with_a_new_prompt_is_guided_throughout():
+@pytest.mark.parametrize('turn_context', [None, 1])
+def test_story_window_with_a_new_prompt_is_guided_throughout(turn_context):
     import sample
     torch.manual_seed(0)
     m = Prior(PriorConfig(**TINY)).eval()
     calls = []
     generate = m.generate
-    m.generate = lambda *a, **kw: calls.append(kw.get('guide_frames')) or generate(*a, **kw)
+
+    def spy(text, prefix=None, **kw):
+        calls.append((0 if prefix is None else prefix.shape[1], kw.get('guide_frames')))
+        out = generate(text, prefix=prefix, **kw)
+        assert prefix is None or torch.equal(out[:, :prefix.shape[1]], prefix)
+        return out
+    m.generate = spy
     a, b = batch()[0], batch(seed=1)[0]
-    codes = sample.generate_codes(m, [a, a, b, b], n_latent=6, context=2, temperature=0, guide_frames=1)
-    assert codes.shape == (2, 6, 2, 2)
-    assert calls == [1, 1, 3, 1]  # windows: a (new), a, b (the prompt changes: all 3 frames guided), b
+    codes = sample.generate_codes(m, [a, a, b, b], n_latent=7, context=2, temperature=0, guide_frames=1,
+                                  turn_context=turn_context)
+    assert codes.shape == (2, 7, 2, 2)
+    # (latent frames kept, guided frames) per window: a (new), a, then b, where the prompt changes: all 3 frames
+    # guided, and with turn_context 1 only the last latent frame kept, so b's windows make 2 frames, then 1
+    assert calls == ([(0, 1), (2, 1), (2, 3), (2, 1), (2, 1)] if turn_context is None else [(0, 1), (2, 1), (1, 3), (2, 1)])
 
 
 @pytest.mark.parametrize('mode', ['ar', 'mask'])
