@@ -35,6 +35,19 @@ SAMPLING = {'ar': dict(cfg=2.0, temperature=0.4, guide_frames=1), 'mask': dict(c
 CHOICE_TEMPERATURE = 4.5  # mask: scale of the noise on the confidence that picks the tokens to keep (MaskGIT)
 
 
+def mask_first_steps(steps: int, first_steps: int | None = None) -> int:
+    """mask: how many of `steps` decoding steps draw the first latent frame alone (None: a third). Drawing the
+    image first and then its motion keeps an unseen combination's colour better than drawing every frame at
+    once (on shapes, held-out all-four 0.46 -> 0.60 at 12 steps; README)."""
+    if steps < 1:
+        raise ValueError(f'steps must be at least 1, got {steps}')
+    first_steps = steps // 3 if first_steps is None else first_steps
+    if not 0 <= first_steps < steps:
+        raise ValueError(f'first_steps must be in [0, steps) = [0, {steps}), got {first_steps} '
+                         '(0 decodes every frame at once)')
+    return first_steps
+
+
 def rope_tables(grid, text_len: int, head_size: int, base: float = 100.0):
     """Rotary position tables (cos, sin), each (text_len + t*h*w, head_size), for [text ; video] tokens: the
     head's channel pairs are split between time, height and width (about 1/4, 3/8, 3/8), each pair turned by
@@ -269,12 +282,14 @@ class Prior(nn.Module):
     @torch.no_grad()
     def generate(self, text, prefix=None, cfg: float | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, steps: int = 12, guide_frames: int | None = None,
-                 generator: torch.Generator | None = None):
+                 first_steps: int | None = None, generator: torch.Generator | None = None):
         """Sample one clip of codes (B, t, h, w) for text (B, L). prefix (B, t0, h, w): latent frames that are
         given (image to video, continuation) and kept. ar: token by token with a KV cache, guided on the first
         guide_frames latent frames it makes (t or more: all); the later frames follow them with the conditional
         model alone, which lessens an unseen combination's colour drift towards a seen one. mask: `steps`
-        parallel decoding steps. cfg, temperature and guide_frames None are the mode's defaults (SAMPLING)."""
+        parallel decoding steps; without a prefix the first `first_steps` of them (None: a third) draw the
+        first latent frame alone, an image, and the rest continue it (0: every frame at once).
+        cfg, temperature and guide_frames None are the mode's defaults (SAMPLING)."""
         c = self.config
         cfg = SAMPLING[c.mode]['cfg'] if cfg is None else cfg
         temperature = SAMPLING[c.mode]['temperature'] if temperature is None else temperature
@@ -294,8 +309,12 @@ class Prior(nn.Module):
                 raise ValueError(f'guide_frames must be at least 1 latent frame, got {guide_frames}')
             guided_until = given + guide_frames * h * w
             self._generate_ar(text2, video, given, cfg, guided_until, temperature, top_k, top_p, generator)
-        else:
-            self._generate_mask(text2, video, given, cfg, temperature, steps, generator)
+            return video.view(B, t, h, w)
+        first_steps = mask_first_steps(steps, first_steps)
+        if given == 0 and first_steps > 0 and t > 1:  # the first latent frame alone, then the clip continues it
+            self._generate_mask(text2, video, 0, h * w, cfg, temperature, first_steps, generator)
+            given, steps = h * w, steps - first_steps
+        self._generate_mask(text2, video, given, self.n_video, cfg, temperature, steps, generator)
         return video.view(B, t, h, w)
 
     def _generate_ar(self, text2, video, given, cfg, guided_until, temperature, top_k, top_p, generator):
@@ -314,11 +333,12 @@ class Prior(nn.Module):
             video[:, i] = self.sample_logits(logits, temperature, top_k, top_p, generator)
             x = self.tok_emb(video[:, i:i + 1].repeat(copies, 1)) + pos[i:i + 1]  # (copies * B, 1, C)
 
-    def _generate_mask(self, text2, video, given, cfg, temperature, steps, generator):
+    def _generate_mask(self, text2, video, lo, hi, cfg, temperature, steps, generator):
+        """Fill video[:, lo:hi] in `steps` parallel steps from the text and video[:, :lo]; the tokens from hi on
+        stay masked, as a clip's later frames were in training."""
         B, N = video.shape
-        known = torch.zeros(B, N, dtype=torch.bool, device=video.device)
-        known[:, :given] = True
-        n_free = N - given
+        pos = torch.arange(N, device=video.device).expand(B, N)
+        known, later = pos < lo, pos >= hi
         copies = text2.shape[0] // B  # 2 with guidance
         for s in range(steps):
             x = self.transformer(self.embed(text2, torch.where(known, video, self.mask_id).repeat(copies, 1)), causal=False)
@@ -331,11 +351,10 @@ class Prior(nn.Module):
             conf = logits.log_softmax(-1).gather(-1, sample[..., None]).squeeze(-1)
             if temperature > 0:
                 conf = conf + CHOICE_TEMPERATURE * (1 - (s + 1) / steps) * gumbel(conf.shape)
-            conf = conf.masked_fill(known, float('inf'))  # given and kept tokens stay
+            conf = conf.masked_fill(known, float('inf')).masked_fill(later, -float('inf'))  # given stay, later wait
             # after step s, cos(pi/2 * (s+1)/steps) of the free tokens are still masked
-            n_masked = int(math.floor(n_free * math.cos(math.pi / 2 * (s + 1) / steps)))
-            video.copy_(torch.where(known, video, sample))
+            n_masked = int(math.floor((hi - lo) * math.cos(math.pi / 2 * (s + 1) / steps)))
+            video.copy_(torch.where(known | later, video, sample))
             remask = torch.zeros_like(known)
-            if n_masked > 0:
-                remask.scatter_(1, conf.topk(n_masked, largest=False).indices, True)
+            remask.scatter_(1, conf.topk(n_masked + N - hi, largest=False).indices, True)
             known = ~remask

@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     p.add_argument('--top_k', type=int, default=None, help='ar: sample among the k most likely tokens')
     p.add_argument('--top_p', type=float, default=None, help='ar: nucleus sampling mass')
     p.add_argument('--steps', type=int, default=12, help='mask: parallel decoding steps')
+    p.add_argument('--first_steps', type=int, default=None,
+                   help='mask: steps that draw the first latent frame alone before the rest (default a third; 0 = all at once)')
     p.add_argument('--guide_frames', type=int, default=None,
                    help="ar: guide only the first N latent frames of each window (default: the mode's, 1)")
     p.add_argument('--seed', type=int, default=0, help='seed: the same seed and flags give the same videos')
@@ -163,11 +165,15 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     if args.guide_frames is not None and model.config.mode != 'ar':
         raise SampleError('--guide_frames is for ar priors; a mask prior guides every decoding step')
+    if args.first_steps is not None and model.config.mode != 'mask':
+        raise SampleError('--first_steps is for mask priors; an ar prior draws the first latent frame first anyway')
+    if model.config.mode == 'mask':  # record the value used, not None
+        args.first_steps = prior_lib.mask_first_steps(args.steps, args.first_steps)
     for k, v in prior_lib.SAMPLING[model.config.mode].items():  # record the values used, not None
         if getattr(args, k) is None:
             setattr(args, k, v)
     settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
-                    guide_frames=args.guide_frames, frames=frames, context=context, turn_context=args.turn_context,
+                    guide_frames=args.guide_frames, first_steps=args.first_steps, frames=frames, context=context, turn_context=args.turn_context,
                     mode=model.config.mode, ckpt=args.ckpt, image=args.image)
     with open(os.path.join(args.out, 'samples.jsonl'), 'a') as manifest:
         for pi, prompt in enumerate(prompts):
@@ -186,7 +192,8 @@ def write_prompt(args, model, tok, meta, pi, prompt, parts, prefix, n_latent, co
     t0 = time.time()
     codes = generate_codes(model, ids, n_latent, context, None if prefix is None else prefix.repeat(args.num_samples, 1, 1, 1),
                            generator=g, turn_context=args.turn_context, cfg=args.cfg, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, steps=args.steps, guide_frames=args.guide_frames)
+                           top_k=args.top_k, top_p=args.top_p, steps=args.steps, guide_frames=args.guide_frames,
+                           first_steps=args.first_steps)
     videos = prepare_data.to_uint8(tok.decode(codes))  # (n, T, H, W, 3)
     dt = (time.time() - t0) / args.num_samples
     name = slug(prompt)

@@ -71,6 +71,7 @@ def test_sample_cli(run_dir, mode, tmp_path):
     rec = [json.loads(ln) for ln in open(out / 'samples.jsonl')]
     assert len(rec) == 2 and rec[0]['prompt'] == 'a big red circle moving left' and rec[0]['seed'] == 1
     assert rec[0]['cfg'] is not None and rec[0]['guide_frames'] == (1 if mode == 'ar' else None)
+    assert rec[0]['first_steps'] == (None if mode == 'ar' else 1)  # a third of --steps 4
     # the same seed reproduces the same video
     code, _ = run('sample.py', '--ckpt', str(run_dir / mode / 'ckpt.pt'), '--prompt', 'a big red circle moving left',
                   '--num_samples', '2', '--seed', '1', '--out', str(tmp_path / 's2'), '--steps', '4', '--no_mp4')
@@ -98,6 +99,8 @@ def test_long_story_and_image(run_dir, tmp_path):
     (['--prompt', 'a red ball', '--guide_frames', '0'], 'guide_frames must be at least 1'),
     (['--story', 'a red ball|a blue ball', '--frames', '33', '--turn_context', '0'], '--turn_context must be between 1'),
     (['--ckpt', 'MASK', '--prompt', 'a red ball', '--guide_frames', '2'], '--guide_frames is for ar priors'),
+    (['--prompt', 'a red ball', '--first_steps', '1'], '--first_steps is for mask priors'),
+    (['--ckpt', 'MASK', '--prompt', 'a red ball', '--steps', '4', '--first_steps', '4'], 'first_steps must be in [0, steps)'),
 ])
 def test_sample_errors(run_dir, argv, words):
     if '--ckpt' not in argv:

@@ -88,6 +88,25 @@ def test_prefix_is_kept_and_every_token_filled(mode):
     assert out.min() >= 0 and out.max() < 30  # no mask token left
 
 
+@pytest.mark.parametrize('first_steps', [0, 2])
+def test_mask_draws_the_first_latent_frame_first(first_steps):
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY, mode='mask')).eval()
+    text, _ = batch()
+    inputs, embed = [], m.embed
+    m.embed = lambda t, v: (inputs.append(v.clone()), embed(t, v))[1]  # the video tokens each pass sees
+    out = m.generate(text, steps=6, first_steps=first_steps, generator=torch.Generator().manual_seed(0)).view(2, -1)
+    assert len(inputs) == 6 and out.max() < 30  # one forward pass per step, every token filled
+    later_hidden = [bool((v[:, 4:] == m.mask_id).all()) for v in inputs]  # grid (3, 2, 2): frame 0 is 4 tokens
+    if first_steps:  # frame 0 alone while the later frames wait, then kept as the clip's given first frame
+        assert later_hidden == [True] * 3 + [False] * 3  # the first pass of the rest sees frame 0 only
+        assert all(torch.equal(v[:, :4], out[:, :4].repeat(2, 1)) for v in inputs[2:])  # guided: doubled batch
+    else:
+        assert later_hidden[0] and not later_hidden[-1]  # every frame from the first pass on
+    with pytest.raises(ValueError, match=r'first_steps must be in \[0, steps\)'):
+        m.generate(text, steps=3, first_steps=3)
+
+
 @pytest.mark.parametrize('prefix_prob', [0.0, 0.5, 1.0])
 def test_mask_pattern_hides_a_share_and_never_a_kept_prefix(prefix_prob):
     torch.manual_seed(0)
