@@ -6,7 +6,8 @@ Two modes, one set of weights and code:
         (DALL-E, VideoGPT, MUGEN). Sampling uses a KV cache.
 - mask: a bidirectional transformer that predicts masked video tokens (MaskGIT, Phenaki): in training a
         cosine-scheduled share of the tokens is replaced by a mask token; sampling fills the clip in a
-        few parallel steps, keeping the most confident predictions.
+        few parallel steps, keeping the most confident predictions: first the first latent frame alone
+        (an image), then the rest of the clip as its continuation, the two tasks it also trains on.
 Both drop the text with a small probability in training, so sampling can use classifier-free guidance.
 Positions are learned and factorised over (time, height, width), plus rotary embeddings over the same three
 axes on queries and keys, so attention scores see offsets between tokens (on shapes the masked prior draws
@@ -134,6 +135,7 @@ class PriorConfig:
     cfg_drop: float = 0.1  # probability of training on the unconditional prompt (for guidance)
     rope: bool = True  # rotary (t, h, w) positions on queries and keys, on top of the learned ones
     prefix_prob: float = 0.5  # mask: share of training clips whose first 1 .. t-1 latent frames stay visible
+    first_prob: float = 0.25  # mask: share of training clips that hide every latent frame after the first
 
 
 class Prior(nn.Module):
@@ -149,6 +151,9 @@ class Prior(nn.Module):
                              'must be even (or --no-rope)')
         if len(c.grid) != 3:
             raise ValueError(f'grid is (frames, height, width) of the latent clip, got {c.grid}')
+        if min(c.prefix_prob, c.first_prob) < 0 or c.prefix_prob + c.first_prob > 1:
+            raise ValueError(f'prefix_prob {c.prefix_prob} and first_prob {c.first_prob} are shares of the training '
+                             'clips: each at least 0, together at most 1')
         self.config = c
         t, h, w = c.grid
         self.n_video = t * h * w
@@ -236,14 +241,19 @@ class Prior(nn.Module):
     def mask_pattern(self, B: int, device) -> torch.Tensor:
         """mask mode's training pattern, (B, N) bool: a cosine-scheduled share of the tokens (at least one) is
         hidden. With probability prefix_prob a clip first keeps its first 1 .. t-1 latent frames visible and the
-        share is of the tokens after them: the continuation the sliding window and image-to-video ask for."""
-        (t, h, w), n = self.config.grid, self.n_video
+        share is of the tokens after them: the continuation the sliding window and image-to-video ask for. With
+        probability first_prob every latent frame after the first is hidden and the share is of the first: the
+        image that sampling draws first (generate's first_steps)."""
+        c, (t, h, w), n = self.config, self.config.grid, self.n_video
         ratio = torch.cos(torch.rand(B, 1, device=device) * math.pi / 2)
+        kind = torch.rand(B, 1, device=device)
+        multi = t > 1
         prefix = torch.randint(1, max(t, 2), (B, 1), device=device) * h * w
-        use = torch.rand(B, 1, device=device) < (self.config.prefix_prob if t > 1 else 0.0)
-        prefix = torch.where(use, prefix, 0)
-        k = (ratio * (n - prefix)).ceil().clamp(min=1)
-        score = torch.rand(B, n, device=device) + (torch.arange(n, device=device) < prefix)  # prefix ranks last
+        prefix = torch.where(multi & (kind < c.prefix_prob), prefix, 0)
+        later = torch.where(multi & (kind >= c.prefix_prob) & (kind < c.prefix_prob + c.first_prob), n - h * w, 0)
+        k = (ratio * (n - prefix - later)).ceil().clamp(min=1) + later
+        pos = torch.arange(n, device=device)
+        score = torch.rand(B, n, device=device) + (pos < prefix).float() - (pos >= n - later).float()  # prefix last, later first
         return score.argsort(1).argsort(1) < k
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str):

@@ -201,6 +201,7 @@ def load_checkpoint(path: str) -> dict:
     if ckpt.get('model_type') == 'prior':  # priors saved before rotary positions / prefix training had neither
         ckpt['config'].setdefault('rope', False)
         ckpt['config'].setdefault('prefix_prob', 0.0)
+        ckpt['config'].setdefault('first_prob', 0.0)
     return ckpt
 
 

@@ -110,7 +110,7 @@ def test_mask_draws_the_first_latent_frame_first(first_steps):
 @pytest.mark.parametrize('prefix_prob', [0.0, 0.5, 1.0])
 def test_mask_pattern_hides_a_share_and_never_a_kept_prefix(prefix_prob):
     torch.manual_seed(0)
-    m = Prior(PriorConfig(**TINY, mode='mask', prefix_prob=prefix_prob))
+    m = Prior(PriorConfig(**TINY, mode='mask', prefix_prob=prefix_prob, first_prob=0.0))
     masked = m.mask_pattern(4000, 'cpu').view(4000, 3, 4)  # grid (3, 2, 2): frames of 4 tokens
     assert masked.flatten(1).sum(1).min() >= 1  # at least one token to learn from
     first = masked[:, 0].any(1)  # clips that hide anything in the first latent frame had no prefix
@@ -124,6 +124,23 @@ def test_mask_pattern_hides_a_share_and_never_a_kept_prefix(prefix_prob):
         assert masked[kept_two, 2].any(1).all()
     if prefix_prob == 1.0:
         assert not masked[:, 0].any()
+
+
+def test_mask_pattern_can_hide_every_frame_after_the_first():
+    def shares(first_prob):
+        torch.manual_seed(0)
+        m = Prior(PriorConfig(**TINY, mode='mask', prefix_prob=0.25, first_prob=first_prob))
+        masked = m.mask_pattern(4000, 'cpu').view(4000, 3, 4)
+        # frame 0 partly visible, every later frame hidden: the first steps of sampling (first_steps)
+        first = (masked[:, 1:].flatten(1).all(1) & ~masked[:, 0].all(1)).float().mean().item()
+        return first, (~masked[:, 0].any(1)).float().mean().item()  # and the clips with a kept prefix
+    # by chance ~10 % of the clips without a prefix (12 tokens here); with first_prob 0.5 half of the clips
+    # hide the later frames and show part of frame 0 when its share cos(pi/2 u) is below 3/4 (54 %): 0.27 more
+    (none, prefix0), (half, prefix1) = shares(0.0), shares(0.5)
+    assert none < 0.1 and 0.25 < half < 0.36
+    assert abs(prefix0 - 0.3) < 0.05 and abs(prefix1 - 0.3) < 0.05  # the prefix share stays (0.25 + by chance)
+    with pytest.raises(ValueError, match='together at most 1'):
+        Prior(PriorConfig(**TINY, mode='mask', prefix_prob=0.6, first_prob=0.5))
 
 
 @pytest.mark.parametrize('mode', ['ar', 'mask'])
