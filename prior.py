@@ -7,7 +7,8 @@ Two modes, one set of weights and code:
 - mask: a bidirectional transformer that predicts masked video tokens (MaskGIT, Phenaki): in training a
         cosine-scheduled share of the tokens is replaced by a mask token; sampling fills the clip in a
         few parallel steps, keeping the most confident predictions: first the first latent frame alone
-        (an image), then the rest of the clip as its continuation, the two tasks it also trains on.
+        (an image), then the rest of the clip as its continuation, the two tasks it also trains on; last,
+        the first frame is redrawn once more with the whole clip in view.
 Both drop the text with a small probability in training, so sampling can use classifier-free guidance.
 Positions are learned and factorised over (time, height, width), plus rotary embeddings over the same three
 axes on queries and keys, so attention scores see offsets between tokens (on shapes the masked prior draws
@@ -30,9 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# default guidance scale and temperature per mode, chosen by caption accuracy on shapes (eval.py; README)
-# (ar: guidance on the first guide_frames latent frames generated, then the conditional model alone)
-SAMPLING = {'ar': dict(cfg=2.0, temperature=0.4, guide_frames=1), 'mask': dict(cfg=2.0, temperature=0.5)}
+# default sampling settings per mode, chosen by caption accuracy on shapes (eval.py; README)
+# (ar: guidance on the first guide_frames latent frames generated, then the conditional model alone;
+# mask: refine_steps extra steps that redraw the first latent frame once the clip exists)
+SAMPLING = {'ar': dict(cfg=2.0, temperature=0.4, guide_frames=1),
+            'mask': dict(cfg=2.0, temperature=0.5, refine_steps=2)}
 CHOICE_TEMPERATURE = 4.5  # mask: scale of the noise on the confidence that picks the tokens to keep (MaskGIT)
 
 
@@ -292,18 +295,24 @@ class Prior(nn.Module):
     @torch.no_grad()
     def generate(self, text, prefix=None, cfg: float | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, steps: int = 12, guide_frames: int | None = None,
-                 first_steps: int | None = None, generator: torch.Generator | None = None):
+                 first_steps: int | None = None, refine_steps: int | None = None,
+                 generator: torch.Generator | None = None):
         """Sample one clip of codes (B, t, h, w) for text (B, L). prefix (B, t0, h, w): latent frames that are
         given (image to video, continuation) and kept. ar: token by token with a KV cache, guided on the first
         guide_frames latent frames it makes (t or more: all); the later frames follow them with the conditional
         model alone, which lessens an unseen combination's colour drift towards a seen one. mask: `steps`
         parallel decoding steps; without a prefix the first `first_steps` of them (None: a third) draw the
-        first latent frame alone, an image, and the rest continue it (0: every frame at once).
-        cfg, temperature and guide_frames None are the mode's defaults (SAMPLING)."""
+        first latent frame alone, an image, and the rest continue it (0: every frame at once); then, without a
+        prefix, `refine_steps` more steps redraw the first latent frame with the whole clip visible, so that it
+        agrees with the later frames, which show the object's shape more sharply.
+        cfg, temperature, guide_frames and refine_steps None are the mode's defaults (SAMPLING)."""
         c = self.config
         cfg = SAMPLING[c.mode]['cfg'] if cfg is None else cfg
         temperature = SAMPLING[c.mode]['temperature'] if temperature is None else temperature
         guide_frames = SAMPLING['ar']['guide_frames'] if guide_frames is None else guide_frames
+        refine_steps = SAMPLING['mask']['refine_steps'] if refine_steps is None else refine_steps
+        if refine_steps < 0:
+            raise ValueError(f'refine_steps must be >= 0, got {refine_steps}')
         B = text.shape[0]
         t, h, w = c.grid
         given = 0 if prefix is None else prefix.shape[1] * h * w
@@ -323,8 +332,11 @@ class Prior(nn.Module):
         first_steps = mask_first_steps(steps, first_steps)
         if given == 0 and first_steps > 0 and t > 1:  # the first latent frame alone, then the clip continues it
             self._generate_mask(text2, video, 0, h * w, cfg, temperature, first_steps, generator)
-            given, steps = h * w, steps - first_steps
-        self._generate_mask(text2, video, given, self.n_video, cfg, temperature, steps, generator)
+            self._generate_mask(text2, video, h * w, self.n_video, cfg, temperature, steps - first_steps, generator)
+        else:
+            self._generate_mask(text2, video, given, self.n_video, cfg, temperature, steps, generator)
+        if given == 0 and refine_steps > 0 and t > 1:  # redraw the first latent frame from the whole clip
+            self._generate_mask(text2, video, 0, h * w, cfg, temperature, refine_steps, generator, see_after=True)
         return video.view(B, t, h, w)
 
     def _generate_ar(self, text2, video, given, cfg, guided_until, temperature, top_k, top_p, generator):
@@ -343,12 +355,13 @@ class Prior(nn.Module):
             video[:, i] = self.sample_logits(logits, temperature, top_k, top_p, generator)
             x = self.tok_emb(video[:, i:i + 1].repeat(copies, 1)) + pos[i:i + 1]  # (copies * B, 1, C)
 
-    def _generate_mask(self, text2, video, lo, hi, cfg, temperature, steps, generator):
+    def _generate_mask(self, text2, video, lo, hi, cfg, temperature, steps, generator, see_after: bool = False):
         """Fill video[:, lo:hi] in `steps` parallel steps from the text and video[:, :lo]; the tokens from hi on
-        stay masked, as a clip's later frames were in training."""
+        stay masked, as a clip's later frames were in training, or are seen as given with see_after."""
         B, N = video.shape
         pos = torch.arange(N, device=video.device).expand(B, N)
-        known, later = pos < lo, pos >= hi
+        later = (pos >= hi) & (not see_after)
+        known = (pos < lo) | ((pos >= hi) & see_after)
         copies = text2.shape[0] // B  # 2 with guidance
         for s in range(steps):
             x = self.transformer(self.embed(text2, torch.where(known, video, self.mask_id).repeat(copies, 1)), causal=False)
@@ -366,5 +379,5 @@ class Prior(nn.Module):
             n_masked = int(math.floor((hi - lo) * math.cos(math.pi / 2 * (s + 1) / steps)))
             video.copy_(torch.where(known | later, video, sample))
             remask = torch.zeros_like(known)
-            remask.scatter_(1, conf.topk(n_masked + N - hi, largest=False).indices, True)
+            remask.scatter_(1, conf.topk(n_masked + (0 if see_after else N - hi), largest=False).indices, True)
             known = ~remask

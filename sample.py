@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument('--steps', type=int, default=12, help='mask: parallel decoding steps')
     p.add_argument('--first_steps', type=int, default=None,
                    help='mask: steps that draw the first latent frame alone before the rest (default a third; 0 = all at once)')
+    p.add_argument('--refine_steps', type=int, default=None,
+                   help="mask: steps after --steps that redraw the first latent frame from the whole clip (default: the mode's, 2)")
     p.add_argument('--guide_frames', type=int, default=None,
                    help="ar: guide only the first N latent frames of each window (default: the mode's, 1)")
     p.add_argument('--seed', type=int, default=0, help='seed: the same seed and flags give the same videos')
@@ -167,13 +169,16 @@ def run(args):
         raise SampleError('--guide_frames is for ar priors; a mask prior guides every decoding step')
     if args.first_steps is not None and model.config.mode != 'mask':
         raise SampleError('--first_steps is for mask priors; an ar prior draws the first latent frame first anyway')
+    if args.refine_steps is not None and model.config.mode != 'mask':
+        raise SampleError('--refine_steps is for mask priors')
     if model.config.mode == 'mask':  # record the value used, not None
         args.first_steps = prior_lib.mask_first_steps(args.steps, args.first_steps)
     for k, v in prior_lib.SAMPLING[model.config.mode].items():  # record the values used, not None
         if getattr(args, k) is None:
             setattr(args, k, v)
     settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
-                    guide_frames=args.guide_frames, first_steps=args.first_steps, frames=frames, context=context,
+                    guide_frames=args.guide_frames, first_steps=args.first_steps, refine_steps=args.refine_steps,
+                    frames=frames, context=context,
                     turn_context=args.turn_context, mode=model.config.mode, ckpt=args.ckpt, image=args.image)
     with open(os.path.join(args.out, 'samples.jsonl'), 'a') as manifest:
         for pi, prompt in enumerate(prompts):
@@ -193,7 +198,7 @@ def write_prompt(args, model, tok, meta, pi, prompt, parts, prefix, n_latent, co
     codes = generate_codes(model, ids, n_latent, context, None if prefix is None else prefix.repeat(args.num_samples, 1, 1, 1),
                            generator=g, turn_context=args.turn_context, cfg=args.cfg, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, steps=args.steps, guide_frames=args.guide_frames,
-                           first_steps=args.first_steps)
+                           first_steps=args.first_steps, refine_steps=args.refine_steps)
     videos = prepare_data.to_uint8(tok.decode(codes))  # (n, T, H, W, 3)
     dt = (time.time() - t0) / args.num_samples
     name = slug(prompt)

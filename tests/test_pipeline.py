@@ -72,6 +72,7 @@ def test_sample_cli(run_dir, mode, tmp_path):
     assert len(rec) == 2 and rec[0]['prompt'] == 'a big red circle moving left' and rec[0]['seed'] == 1
     assert rec[0]['cfg'] is not None and rec[0]['guide_frames'] == (1 if mode == 'ar' else None)
     assert rec[0]['first_steps'] == (None if mode == 'ar' else 1)  # a third of --steps 4
+    assert rec[0]['refine_steps'] == (None if mode == 'ar' else 2)  # the mode's default
     # the same seed reproduces the same video
     code, _ = run('sample.py', '--ckpt', str(run_dir / mode / 'ckpt.pt'), '--prompt', 'a big red circle moving left',
                   '--num_samples', '2', '--seed', '1', '--out', str(tmp_path / 's2'), '--steps', '4', '--no_mp4')
@@ -101,6 +102,8 @@ def test_long_story_and_image(run_dir, tmp_path):
     (['--ckpt', 'MASK', '--prompt', 'a red ball', '--guide_frames', '2'], '--guide_frames is for ar priors'),
     (['--prompt', 'a red ball', '--first_steps', '1'], '--first_steps is for mask priors'),
     (['--ckpt', 'MASK', '--prompt', 'a red ball', '--steps', '4', '--first_steps', '4'], 'first_steps must be in [0, steps)'),
+    (['--prompt', 'a red ball', '--refine_steps', '1'], '--refine_steps is for mask priors'),
+    (['--ckpt', 'MASK', '--prompt', 'a red ball', '--refine_steps', '-1'], 'refine_steps must be >= 0'),
 ])
 def test_sample_errors(run_dir, argv, words):
     if '--ckpt' not in argv:
@@ -119,6 +122,7 @@ def test_eval_prior_cli(run_dir, tmp_path):
     acc = json.load(open(tmp_path / 'acc.json'))
     assert acc['all_prompts']['n'] == 3 and 0 <= acc['all_prompts']['all'] <= 1
     assert 'invalid' in acc['all_prompts'] and 'seconds_per_video' in acc
+    assert acc['settings']['refine_steps'] == 2 and acc['settings']['first_steps'] == 0  # recorded, not None
 
 
 def test_prior_without_tokenizer_is_a_clear_error(run_dir, tmp_path):

@@ -95,7 +95,8 @@ def test_mask_draws_the_first_latent_frame_first(first_steps):
     text, _ = batch()
     inputs, embed = [], m.embed
     m.embed = lambda t, v: (inputs.append(v.clone()), embed(t, v))[1]  # the video tokens each pass sees
-    out = m.generate(text, steps=6, first_steps=first_steps, generator=torch.Generator().manual_seed(0)).view(2, -1)
+    out = m.generate(text, steps=6, first_steps=first_steps, refine_steps=0,
+                     generator=torch.Generator().manual_seed(0)).view(2, -1)
     assert len(inputs) == 6 and out.max() < 30  # one forward pass per step, every token filled
     later_hidden = [bool((v[:, 4:] == m.mask_id).all()) for v in inputs]  # grid (3, 2, 2): frame 0 is 4 tokens
     if first_steps:  # frame 0 alone while the later frames wait, then kept as the clip's given first frame
@@ -105,6 +106,25 @@ def test_mask_draws_the_first_latent_frame_first(first_steps):
         assert later_hidden[0] and not later_hidden[-1]  # every frame from the first pass on
     with pytest.raises(ValueError, match=r'first_steps must be in \[0, steps\)'):
         m.generate(text, steps=3, first_steps=3)
+
+
+def test_mask_redraws_the_first_latent_frame_from_the_whole_clip():
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY, mode='mask')).eval()
+    text, codes = batch()
+    inputs, embed = [], m.embed
+    m.embed = lambda t, v: (inputs.append(v.clone()), embed(t, v))[1]
+    out = m.generate(text, steps=4, first_steps=2, refine_steps=3, generator=torch.Generator().manual_seed(0)).view(2, -1)
+    assert len(inputs) == 4 + 3 and out.max() < 30
+    before = inputs[4][:2]  # the first redraw pass: frame 0 (4 tokens) masked again, the clip after it as made
+    assert (before[:, :4] == m.mask_id).all() and torch.equal(before[:, 4:], out[:, 4:])
+    assert all(torch.equal(v[:2, 4:], out[:, 4:]) for v in inputs[4:])  # the later frames stay as they are
+    assert [int((v[:2, :4] == m.mask_id).sum()) for v in inputs[4:]] == [8, 6, 4]  # cosine schedule: 4, 3, 2 of 4 per clip
+    inputs.clear()  # a given first frame is kept, not redrawn
+    out = m.generate(text, prefix=codes[:, :1], steps=4, refine_steps=3, generator=torch.Generator().manual_seed(0))
+    assert len(inputs) == 4 and torch.equal(out[:, :1], codes[:, :1])
+    with pytest.raises(ValueError, match='refine_steps must be >= 0'):
+        m.generate(text, steps=3, refine_steps=-1)
 
 
 @pytest.mark.parametrize('prefix_prob', [0.0, 0.5, 1.0])
