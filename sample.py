@@ -176,10 +176,12 @@ def run(args):
     for k, v in prior_lib.SAMPLING[model.config.mode].items():  # record the values used, not None
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if model.config.mode == 'mask' and prefix is not None:  # a given first frame is kept, never redrawn
+        args.refine_steps = 0
     settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
                     guide_frames=args.guide_frames, first_steps=args.first_steps, refine_steps=args.refine_steps,
-                    frames=frames, context=context,
-                    turn_context=args.turn_context, mode=model.config.mode, ckpt=args.ckpt, image=args.image)
+                    frames=frames, context=context, turn_context=args.turn_context, mode=model.config.mode,
+                    ckpt=args.ckpt, image=args.image)
     with open(os.path.join(args.out, 'samples.jsonl'), 'a') as manifest:
         for pi, prompt in enumerate(prompts):
             write_prompt(args, model, tok, meta, pi, prompt, story if (story and pi == len(prompts) - 1) else [prompt],

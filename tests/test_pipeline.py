@@ -90,6 +90,10 @@ def test_long_story_and_image(run_dir, tmp_path):
     assert len(npys) == 1 and np.load(tmp_path / 'o' / npys[0]).shape == (33, 32, 32, 3)
     rec = json.loads(open(tmp_path / 'o' / 'samples.jsonl').readline())
     assert rec['windows'][0] == 'a red circle moving left' and rec['windows'][-1] == 'a red circle moving up'
+    code, log = run('sample.py', '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--prompt', 'a red circle moving left',
+                    '--num_samples', '1', '--steps', '3', '--out', str(tmp_path / 'm'), '--no_mp4', '--image', str(img))
+    assert code == 0, log
+    assert json.loads(open(tmp_path / 'm' / 'samples.jsonl').readline())['refine_steps'] == 0  # the given frame stays
 
 
 @pytest.mark.parametrize('argv, words', [
