@@ -494,7 +494,8 @@ def train(args, overrides):
                      clips_per_s=round(clips / dt, 1), **extra))
     if master:
         eval_and_save(it)
-    if ddp:
+    if ddp:  # tear down together: a rank that leaves while rank 0 still saves can abort in gloo's threads
+        dist.barrier()
         dist.destroy_process_group()
     return raw_model
 
