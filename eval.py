@@ -173,6 +173,8 @@ def main(argv=None) -> int:
                    'alone (default a third of --steps; 0 = every frame at once)')
     p.add_argument('--refine_steps', type=int, default=None, help="prior (mask): steps after --steps that redraw the "
                    "first latent frame from the whole clip (default: the mode's)")
+    p.add_argument('--refine_cfg', type=float, default=None, help="prior (mask): guidance scale of the redraw steps "
+                   "(default: the mode's)")
     p.add_argument('--seed', type=int, default=0, help='prior: sampling seed')
     p.add_argument('--story', type=int, default=0, help='prior: measure this many two-prompt stories instead (long videos)')
     p.add_argument('--story_frames', type=int, default=65, help='prior: frames of each story video')
@@ -194,13 +196,16 @@ def main(argv=None) -> int:
                 raise train.TrainError('--first_steps is for mask priors')
             if args.refine_steps is not None and model.config.mode != 'mask':
                 raise train.TrainError('--refine_steps is for mask priors')
+            if args.refine_cfg is not None and model.config.mode != 'mask':
+                raise train.TrainError('--refine_cfg is for mask priors')
             if model.config.mode == 'mask':  # record the value used, not None
                 args.first_steps = prior_lib.mask_first_steps(args.steps, args.first_steps)
             for k, v in prior_lib.SAMPLING[model.config.mode].items():  # record the values used, not None
                 if getattr(args, k) is None:
                     setattr(args, k, v)
             kw = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, steps=args.steps,
-                      guide_frames=args.guide_frames, first_steps=args.first_steps, refine_steps=args.refine_steps)
+                      guide_frames=args.guide_frames, first_steps=args.first_steps, refine_steps=args.refine_steps,
+                      refine_cfg=args.refine_cfg)
             if args.story:
                 out = eval_story(model, ckpt, args.story, args.story_frames, args.story_cut, args.batch_size,
                                  args.device, args.seed, turn_context=args.turn_context, **kw)

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 # default sampling settings per mode, chosen by caption accuracy on shapes (eval.py; README)
 # (ar: guidance on the first guide_frames latent frames generated, then the conditional model alone;
-# mask: refine_steps extra steps that redraw the first latent frame once the clip exists)
+# mask: refine_steps extra steps that redraw the first latent frame once the clip exists, guided by refine_cfg)
 SAMPLING = {'ar': dict(cfg=2.0, temperature=0.4, guide_frames=1),
-            'mask': dict(cfg=2.0, temperature=0.5, refine_steps=2)}
+            'mask': dict(cfg=2.0, temperature=0.5, refine_steps=2, refine_cfg=1.0)}
 CHOICE_TEMPERATURE = 4.5  # mask: scale of the noise on the confidence that picks the tokens to keep (MaskGIT)
 
 
@@ -295,7 +295,7 @@ class Prior(nn.Module):
     @torch.no_grad()
     def generate(self, text, prefix=None, cfg: float | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, steps: int = 12, guide_frames: int | None = None,
-                 first_steps: int | None = None, refine_steps: int | None = None,
+                 first_steps: int | None = None, refine_steps: int | None = None, refine_cfg: float | None = None,
                  generator: torch.Generator | None = None):
         """Sample one clip of codes (B, t, h, w) for text (B, L). prefix (B, t0, h, w): latent frames that are
         given (image to video, continuation) and kept. ar: token by token with a KV cache, guided on the first
@@ -304,13 +304,15 @@ class Prior(nn.Module):
         parallel decoding steps; without a prefix the first `first_steps` of them (None: a third) draw the
         first latent frame alone, an image, and the rest continue it (0: every frame at once); then, without a
         prefix, `refine_steps` more steps redraw the first latent frame with the whole clip visible, so that it
-        agrees with the later frames, which show the object's shape more sharply.
-        cfg, temperature, guide_frames and refine_steps None are the mode's defaults (SAMPLING)."""
+        agrees with the later frames, which show the object's shape more sharply, guided by refine_cfg (default 1,
+        the conditional model alone: the clip it sees already shows the prompt).
+        cfg, temperature, guide_frames, refine_steps and refine_cfg None are the mode's defaults (SAMPLING)."""
         c = self.config
         cfg = SAMPLING[c.mode]['cfg'] if cfg is None else cfg
         temperature = SAMPLING[c.mode]['temperature'] if temperature is None else temperature
         guide_frames = SAMPLING['ar']['guide_frames'] if guide_frames is None else guide_frames
         refine_steps = SAMPLING['mask']['refine_steps'] if refine_steps is None else refine_steps
+        refine_cfg = SAMPLING['mask']['refine_cfg'] if refine_cfg is None else refine_cfg
         if refine_steps < 0:
             raise ValueError(f'refine_steps must be >= 0, got {refine_steps}')
         B = text.shape[0]
@@ -322,7 +324,8 @@ class Prior(nn.Module):
         if prefix is not None:
             video[:, :given] = prefix.reshape(B, -1)
         # guidance needs the unconditional prompt too: [conditional ; unconditional]
-        text2 = text if cfg == 1.0 else torch.cat([text, torch.full_like(text, c.pad_id)])
+        pair = lambda scale: text if scale == 1.0 else torch.cat([text, torch.full_like(text, c.pad_id)])
+        text2 = pair(cfg)
         if c.mode == 'ar':
             if guide_frames < 1:
                 raise ValueError(f'guide_frames must be at least 1 latent frame, got {guide_frames}')
@@ -336,7 +339,7 @@ class Prior(nn.Module):
         else:
             self._generate_mask(text2, video, given, self.n_video, cfg, temperature, steps, generator)
         if given == 0 and refine_steps > 0 and t > 1:  # redraw the first latent frame from the whole clip
-            self._generate_mask(text2, video, 0, h * w, cfg, temperature, refine_steps, generator, see_after=True)
+            self._generate_mask(pair(refine_cfg), video, 0, h * w, refine_cfg, temperature, refine_steps, generator, see_after=True)
         return video.view(B, t, h, w)
 
     def _generate_ar(self, text2, video, given, cfg, guided_until, temperature, top_k, top_p, generator):

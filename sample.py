@@ -114,6 +114,8 @@ def main(argv=None) -> int:
                    help='mask: steps that draw the first latent frame alone before the rest (default a third; 0 = all at once)')
     p.add_argument('--refine_steps', type=int, default=None,
                    help="mask: steps after --steps that redraw the first latent frame from the whole clip (default: the mode's, 2)")
+    p.add_argument('--refine_cfg', type=float, default=None,
+                   help="mask: guidance scale of the redraw steps (default: the mode's, 1 = the conditional model alone)")
     p.add_argument('--guide_frames', type=int, default=None,
                    help="ar: guide only the first N latent frames of each window (default: the mode's, 1)")
     p.add_argument('--seed', type=int, default=0, help='seed: the same seed and flags give the same videos')
@@ -171,6 +173,8 @@ def run(args):
         raise SampleError('--first_steps is for mask priors; an ar prior draws the first latent frame first anyway')
     if args.refine_steps is not None and model.config.mode != 'mask':
         raise SampleError('--refine_steps is for mask priors')
+    if args.refine_cfg is not None and model.config.mode != 'mask':
+        raise SampleError('--refine_cfg is for mask priors')
     if model.config.mode == 'mask':  # record the value used, not None
         args.first_steps = prior_lib.mask_first_steps(args.steps, args.first_steps)
     for k, v in prior_lib.SAMPLING[model.config.mode].items():  # record the values used, not None
@@ -180,8 +184,8 @@ def run(args):
         args.refine_steps = 0
     settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
                     guide_frames=args.guide_frames, first_steps=args.first_steps, refine_steps=args.refine_steps,
-                    frames=frames, context=context, turn_context=args.turn_context, mode=model.config.mode,
-                    ckpt=args.ckpt, image=args.image)
+                    refine_cfg=args.refine_cfg, frames=frames, context=context, turn_context=args.turn_context,
+                    mode=model.config.mode, ckpt=args.ckpt, image=args.image)
     with open(os.path.join(args.out, 'samples.jsonl'), 'a') as manifest:
         for pi, prompt in enumerate(prompts):
             write_prompt(args, model, tok, meta, pi, prompt, story if (story and pi == len(prompts) - 1) else [prompt],
@@ -200,7 +204,7 @@ def write_prompt(args, model, tok, meta, pi, prompt, parts, prefix, n_latent, co
     codes = generate_codes(model, ids, n_latent, context, None if prefix is None else prefix.repeat(args.num_samples, 1, 1, 1),
                            generator=g, turn_context=args.turn_context, cfg=args.cfg, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, steps=args.steps, guide_frames=args.guide_frames,
-                           first_steps=args.first_steps, refine_steps=args.refine_steps)
+                           first_steps=args.first_steps, refine_steps=args.refine_steps, refine_cfg=args.refine_cfg)
     videos = prepare_data.to_uint8(tok.decode(codes))  # (n, T, H, W, 3)
     dt = (time.time() - t0) / args.num_samples
     name = slug(prompt)

@@ -73,6 +73,7 @@ def test_sample_cli(run_dir, mode, tmp_path):
     assert rec[0]['cfg'] is not None and rec[0]['guide_frames'] == (1 if mode == 'ar' else None)
     assert rec[0]['first_steps'] == (None if mode == 'ar' else 1)  # a third of --steps 4
     assert rec[0]['refine_steps'] == (None if mode == 'ar' else 2)  # the mode's default
+    assert rec[0]['refine_cfg'] == (None if mode == 'ar' else 1.0)
     # the same seed reproduces the same video
     code, _ = run('sample.py', '--ckpt', str(run_dir / mode / 'ckpt.pt'), '--prompt', 'a big red circle moving left',
                   '--num_samples', '2', '--seed', '1', '--out', str(tmp_path / 's2'), '--steps', '4', '--no_mp4')
@@ -107,6 +108,7 @@ def test_long_story_and_image(run_dir, tmp_path):
     (['--prompt', 'a red ball', '--first_steps', '1'], '--first_steps is for mask priors'),
     (['--ckpt', 'MASK', '--prompt', 'a red ball', '--steps', '4', '--first_steps', '4'], 'first_steps must be in [0, steps)'),
     (['--prompt', 'a red ball', '--refine_steps', '1'], '--refine_steps is for mask priors'),
+    (['--prompt', 'a red ball', '--refine_cfg', '2'], '--refine_cfg is for mask priors'),
     (['--ckpt', 'MASK', '--prompt', 'a red ball', '--refine_steps', '-1'], 'refine_steps must be >= 0'),
 ])
 def test_sample_errors(run_dir, argv, words):
@@ -119,6 +121,13 @@ def test_sample_errors(run_dir, argv, words):
     assert code == 2 and 'needs a prior' in log
 
 
+@pytest.mark.parametrize('mode, flag', [('mask', '--guide_frames'), ('ar', '--first_steps'), ('ar', '--refine_steps'),
+                                        ('ar', '--refine_cfg')])
+def test_eval_flags_of_the_other_mode_are_errors(run_dir, mode, flag):
+    code, log = run('eval.py', '--ckpt', str(run_dir / mode / 'ckpt.pt'), flag, '1')
+    assert code == 2 and f'{flag} is for {"ar" if mode == "mask" else "mask"} priors' in log and 'Traceback' not in log, log
+
+
 def test_eval_prior_cli(run_dir, tmp_path):
     code, log = run('eval.py', '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--n_prompts', '3',
                     '--samples_per_prompt', '1', '--steps', '2', '--json', str(tmp_path / 'acc.json'))
@@ -127,6 +136,7 @@ def test_eval_prior_cli(run_dir, tmp_path):
     assert acc['all_prompts']['n'] == 3 and 0 <= acc['all_prompts']['all'] <= 1
     assert 'invalid' in acc['all_prompts'] and 'seconds_per_video' in acc
     assert acc['settings']['refine_steps'] == 2 and acc['settings']['first_steps'] == 0  # recorded, not None
+    assert acc['settings']['refine_cfg'] == 1.0
 
 
 def test_prior_without_tokenizer_is_a_clear_error(run_dir, tmp_path):

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from prior import Prior, PriorConfig, rope_tables, rotate
+from prior import SAMPLING, Prior, PriorConfig, rope_tables, rotate
 
 TINY = dict(vocab_size=30, text_vocab=20, text_len=4, grid=(3, 2, 2), n_layer=2, n_head=2, n_embd=32)
 
@@ -67,7 +67,8 @@ def test_guidance_scales(mode):
     m = Prior(PriorConfig(**TINY, mode=mode)).eval()
     text, _ = batch()
     pads = torch.zeros_like(text)  # pad_id 0: the unconditional prompt
-    greedy = lambda t, cfg: m.generate(t, cfg=cfg, temperature=0, steps=4, guide_frames=3)  # ar: guide every frame
+    # ar: guide every frame; mask: no redraw, which follows SAMPLING['mask']['refine_cfg'] and not cfg
+    greedy = lambda t, cfg: m.generate(t, cfg=cfg, temperature=0, steps=4, guide_frames=3, refine_steps=0)
     # scale 1 is the conditional model alone: it skips the unconditional half, which must change nothing
     cond = greedy(text, 1.0)
     assert torch.equal(greedy(text, 1.0 + 1e-6), cond)
@@ -108,7 +109,7 @@ def test_mask_draws_the_first_latent_frame_first(first_steps):
         m.generate(text, steps=3, first_steps=3)
 
 
-def test_mask_redraws_the_first_latent_frame_from_the_whole_clip():
+def test_mask_redraws_the_first_latent_frame_from_the_whole_clip(monkeypatch):
     torch.manual_seed(0)
     m = Prior(PriorConfig(**TINY, mode='mask')).eval()
     text, codes = batch()
@@ -120,6 +121,11 @@ def test_mask_redraws_the_first_latent_frame_from_the_whole_clip():
     assert (before[:, :4] == m.mask_id).all() and torch.equal(before[:, 4:], out[:, 4:])
     assert all(torch.equal(v[:2, 4:], out[:, 4:]) for v in inputs[4:])  # the later frames stay as they are
     assert [int((v[:2, :4] == m.mask_id).sum()) for v in inputs[4:]] == [8, 6, 4]  # cosine schedule: 4, 3, 2 of 4 per clip
+    assert [len(v) for v in inputs] == [4] * 4 + [2] * 3  # guided [cond ; uncond] passes, an unguided redraw
+    inputs.clear()
+    monkeypatch.setitem(SAMPLING['mask'], 'refine_cfg', 2.0)  # a guided redraw doubles its batch too
+    m.generate(text, steps=4, first_steps=2, refine_steps=3, generator=torch.Generator().manual_seed(0))
+    assert [len(v) for v in inputs] == [4] * 7
     inputs.clear()  # a given first frame is kept, not redrawn
     out = m.generate(text, prefix=codes[:, :1], steps=4, refine_steps=3, generator=torch.Generator().manual_seed(0))
     assert len(inputs) == 4 and torch.equal(out[:, :1], codes[:, :1])
