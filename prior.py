@@ -35,7 +35,7 @@ import torch.nn.functional as F
 # (ar: guidance on the first guide_frames latent frames generated, then the conditional model alone;
 # mask: refine_steps extra steps that redraw the first latent frame once the clip exists, guided by refine_cfg)
 SAMPLING = {'ar': dict(cfg=2.0, temperature=0.4, guide_frames=1),
-            'mask': dict(cfg=2.0, temperature=0.5, refine_steps=2, refine_cfg=1.0)}
+            'mask': dict(cfg=2.0, temperature=0.3, refine_steps=2, refine_cfg=1.0)}
 CHOICE_TEMPERATURE = 4.5  # mask: scale of the noise on the confidence that picks the tokens to keep (MaskGIT)
 
 
