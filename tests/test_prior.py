@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from prior import SAMPLING, Prior, PriorConfig, rope_tables, rotate
+from prior import SAMPLING, Prior, PriorConfig, attend, rope_tables, rotate
 
 TINY = dict(vocab_size=30, text_vocab=20, text_len=4, grid=(3, 2, 2), n_layer=2, n_head=2, n_embd=32)
 
@@ -43,6 +43,26 @@ def test_rope_depends_on_the_offset_only():
         assert not torch.allclose(dot(pos(0, 1, 2), pos(1, 3, 1)), dot(pos(0, 1, 2), other), atol=1e-3)
     # text is not turned; a turn keeps the norm
     assert torch.equal(rotate(q, cos[1], sin[1]), q) and torch.allclose(rotate(q, cos[L + 5], sin[L + 5]).norm(), q.norm())
+
+
+@pytest.mark.parametrize('causal, n_query', [(False, 9), (True, 9), (False, 1)])
+def test_bfloat16_attention_on_cpu_matches_sdpa(causal, n_query):
+    # in bfloat16 on CPU attend() is a plain matmul-softmax-matmul, not SDPA: the same values and gradients
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, n_query, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 3, 9, 16, generator=g, requires_grad=True) for _ in range(2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out = attend(*(t.bfloat16() for t in (q, k, v)), causal)
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=0.03)
+    grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    grads_bf16 = torch.autograd.grad(out.float().sum(), (q, k, v))
+    for a, b in zip(grads, grads_bf16):
+        assert torch.allclose(a, b, atol=0.05)
+    if causal:  # the last query's value changes with the last key; the first query's does not
+        v2 = v.detach().clone()
+        v2[:, :, -1] += 1
+        out2 = attend(q.bfloat16(), k.bfloat16(), v2.bfloat16(), causal)
+        assert torch.equal(out2[:, :, 0], out[:, :, 0]) and not torch.equal(out2[:, :, -1], out[:, :, -1])
 
 
 @pytest.mark.parametrize('cfg, given, guide_frames', [(1.0, 0, 1), (2.5, 0, 3), (2.5, 0, 1), (2.5, 1, 1)])
