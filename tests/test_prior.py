@@ -43,6 +43,10 @@ def test_rope_depends_on_the_offset_only():
         assert not torch.allclose(dot(pos(0, 1, 2), pos(1, 3, 1)), dot(pos(0, 1, 2), other), atol=1e-3)
     # text is not turned; a turn keeps the norm
     assert torch.equal(rotate(q, cos[1], sin[1]), q) and torch.allclose(rotate(q, cos[L + 5], sin[L + 5]).norm(), q.norm())
+    # the pairs are neighbouring channels (2i, 2i + 1), as in the checkpoints trained so far
+    c, s, want = cos[L + 7], sin[L + 7], torch.empty_like(q)
+    want[0::2], want[1::2] = q[0::2] * c - q[1::2] * s, q[1::2] * c + q[0::2] * s
+    assert torch.allclose(rotate(q, c, s), want, atol=1e-6)
 
 
 @pytest.mark.parametrize('causal, n_query', [(False, 9), (True, 9), (False, 1)])
