@@ -511,4 +511,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get('RANK', -1)) != -1:  # under torchrun every rank has saved, met and left the process group:
+        sys.stdout.flush()  # leave without the interpreter's teardown, where gloo now and then aborts the rank
+        sys.stderr.flush()  # that ends first ("terminate called without an active exception") and fails the run
+        os._exit(code)
+    sys.exit(code)
