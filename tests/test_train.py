@@ -135,6 +135,10 @@ def test_training_defaults_follow_the_model_and_the_prior_mode():
     assert steps('--model=prior') == steps('--model=prior', '--mode=ar') == train.DEFAULTS['prior']['max_iters']
     assert steps('--model=prior', '--mode', 'mask') == train.MODE_DEFAULTS['prior', 'mask']['max_iters'] > steps('--model=prior')
     assert steps('--model=prior', '--mode=mask', '--max_iters', '5') == 5  # a flag still wins
+    ema = lambda *argv: train.get_args(list(argv))[0].ema  # noqa: E731
+    assert ema('--model=prior') == ema('--model=prior', '--mode=ar') == 0.995  # the ar prior samples from an EMA copy
+    assert ema('--model=prior', '--mode=mask') == ema('--model=tokenizer') == 0.0
+    assert ema('--model=prior', '--ema', '0') == 0.0
 
 
 def test_compile_without_a_cpp_compiler_trains_eagerly(data, tmp_path, monkeypatch, capsys):
