@@ -233,8 +233,7 @@ class Prior(nn.Module):
 
     def forward(self, text, codes):
         """text (B, L) ids and codes (B, t, h, w) -> (logits (B, N, V), cross-entropy loss in fp32).
-        ar: logits[:, i] predicts token i from the text and tokens < i; mask: loss on the masked tokens only,
-        each clip's mean over its own masked tokens averaged over the clips."""
+        ar: logits[:, i] predicts token i from the text and tokens < i; mask: loss on the masked tokens only."""
         self.check(text, codes)
         B, L = text.shape
         video = codes.reshape(B, -1)  # (B, N) time-major
@@ -248,11 +247,9 @@ class Prior(nn.Module):
         masked = self.mask_pattern(B, video.device)  # (B, N)
         x = self.transformer(self.embed(text, torch.where(masked, self.mask_id, video)), causal=False)
         logits = self.head(self.ln_f(x[:, L:]))
-        # each clip's mean over its masked tokens, then the mean over clips: a clip with few tokens hidden counts
-        # as much as one with most hidden (the masked-diffusion ELBO's 1 / ratio weight; RESULTS.md). Weighted sums
-        # over all tokens: no data-dependent shapes (compile)
+        # the mean over the masked tokens, as a weighted mean over all tokens: no data-dependent shapes (compile)
         ce = F.cross_entropy(logits.float().flatten(0, 1), video.flatten(), reduction='none').view(B, -1)  # (B, N)
-        loss = ((ce * masked).sum(1) / masked.sum(1)).mean()
+        loss = (ce * masked).sum() / masked.sum()
         return logits, loss
 
     def mask_pattern(self, B: int, device) -> torch.Tensor:
