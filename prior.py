@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# default sampling settings per mode, chosen by caption accuracy on shapes (eval.py; README)
+# default sampling settings per mode, chosen by caption accuracy on shapes (eval.py; RESULTS.md)
 # (ar: guidance on the first guide_frames latent frames generated, then the conditional model alone;
 # mask: refine_steps extra steps that redraw the first latent frame once the clip exists, guided by refine_cfg)
 SAMPLING = {'ar': dict(cfg=2.0, temperature=0.4, guide_frames=1),
@@ -42,7 +42,7 @@ CHOICE_TEMPERATURE = 4.5  # mask: scale of the noise on the confidence that pick
 def mask_first_steps(steps: int, first_steps: int | None = None) -> int:
     """mask: how many of `steps` decoding steps draw the first latent frame alone (None: a third). Drawing the
     image first and then its motion keeps an unseen combination's colour better than drawing every frame at
-    once (on shapes, held-out all-four 0.46 -> 0.60 at 12 steps; README)."""
+    once (on shapes, held-out all-four 0.46 -> 0.60 at 12 steps; RESULTS.md)."""
     if steps < 1:
         raise ValueError(f'steps must be at least 1, got {steps}')
     first_steps = steps // 3 if first_steps is None else first_steps
@@ -84,7 +84,7 @@ def rotate(x, cos, sin):
 def attend(q, k, v, causal: bool, dropout: float = 0.0):
     """Attention of q (B, nh, Sq, hd) over k, v (B, nh, Sk, hd), causal when Sq == Sk. SDPA (flash on GPU), except
     in bfloat16 on CPU: there PyTorch's flash kernel is slow at these head sizes (and slower in bfloat16 than in
-    float32), and the plain matmul-softmax-matmul is 16-26 % faster for the whole training step (README)."""
+    float32), and the plain matmul-softmax-matmul is 16-26 % faster for the whole training step (RESULTS.md)."""
     if q.device.type != 'cpu' or q.dtype != torch.bfloat16:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
     att = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, nh, Sq, Sk)

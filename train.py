@@ -45,7 +45,7 @@ MODE_DEFAULTS = {  # (model, --mode) -> what differs; the masked prior learns sl
     # after 4000 / 7000 / 8000 steps (eval.py on the pipeline, one video per caption)
     ('prior', 'mask'): dict(max_iters=8000),
     # an EMA copy of the weights (sampled from) lowered the ar prior's validation loss 0.955-0.965 -> 0.938 on the
-    # pipeline and made fewer held-out videos flicker in colour (README); 0.999 lagged too far behind in 4000 steps
+    # pipeline and made fewer held-out videos flicker in colour (RESULTS.md); 0.999 lagged too far behind in 4000 steps
     ('prior', 'ar'): dict(ema=0.995),
 }
 DERIVED = {  # config fields that follow from the data and the tokenizer, not from flags
