@@ -1,5 +1,5 @@
 """
-Time one model's training step (forward + backward + AdamW), in the spirit of nanoGPT's bench.py.
+Time one model's training step (forward + backward + AdamW, or --optimizer muon), in the spirit of nanoGPT's bench.py.
 
     python bench.py --model=tokenizer --batch_size 4 --dtype float32
     python bench.py --model=tokenizer --batch_size 4 --dtype bfloat16 --compile
@@ -7,7 +7,8 @@ Time one model's training step (forward + backward + AdamW), in the spirit of na
     python bench.py --model=prior --mode=ar --batch_size 4 --sample    # generation speed instead
     python bench.py --model=prior --mode=ar --batch_size 4 --sample --cfg 1    # ... without guidance
 
-Prints ms/step, clips/s and tokens/s, the model FLOPs counted by torch's FlopCounterMode, and the
+Prints ms/step, clips/s and tokens/s (every token through the transformer, the masked prior's first frames
+trained again as images included), the model FLOPs counted by torch's FlopCounterMode, and the
 model-FLOPs utilisation (MFU) against this machine's measured peak (the best of a large matmul and a
 large 3D convolution) in the same dtype. With --sample it times prior.generate on a batch of clips
 (with the mode's guidance, so each step runs a doubled batch; --cfg 1 runs the batch alone, like
@@ -59,6 +60,7 @@ def main(argv=None):
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
     p.add_argument('--device', default='cpu', help='cpu, cuda, ...')
     p.add_argument('--steps', type=int, default=10, help='timed steps')
+    p.add_argument('--optimizer', default='adamw', choices=['adamw', 'muon'], help='muon: as train.py (prior only)')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps first (compilation happens here)')
     cfg_cls, model_cls = train.MODELS[name]
     train.add_config_flags(p, cfg_cls)
@@ -74,7 +76,10 @@ def main(argv=None):
     device_type = 'cuda' if args.device.startswith('cuda') else args.device
     if device_type == 'cpu':
         model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = model.configure_optimizers(0.0, 1e-4, (0.9, 0.99), device_type)
+    if args.optimizer == 'muon' and name != 'prior':
+        p.error('--optimizer muon is for the prior')
+    muon = {'muon': True} if args.optimizer == 'muon' else {}
+    optimizer = train.Optimizers(model.configure_optimizers(0.0, 1e-4, (0.9, 0.99), device_type, **muon))
     dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.dtype]
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
     if name == 'prior':  # codes and caption ids of the model's own sizes
@@ -168,8 +173,10 @@ def tokens_per_clip(model, name, x) -> int:
     if name == 'tokenizer':
         ft, fs = model.config.factors
         return (1 + (x.shape[2] - 1) // ft) * (x.shape[3] // fs) * (x.shape[4] // fs)
-    if name == 'prior':  # text + video tokens through the transformer
-        return model.config.text_len + model.n_video
+    if name == 'prior':  # text + video tokens through the transformer, and a mask prior's share of image sequences
+        c, B = model.config, x.shape[0]
+        images = round(c.image_share * B) / B if c.mode == 'mask' else 0
+        return round(c.text_len + model.n_video + images * (c.text_len + c.grid[1] * c.grid[2]))
     raise AssertionError(name)
 
 

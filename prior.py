@@ -7,8 +7,9 @@ Two modes, one set of weights and code:
 - mask: a bidirectional transformer that predicts masked video tokens (MaskGIT, Phenaki): in training a
         cosine-scheduled share of the tokens is replaced by a mask token; sampling fills the clip in a
         few parallel steps, keeping the most confident predictions: first the first latent frame alone
-        (an image), then the rest of the clip as its continuation, the two tasks it also trains on; last,
-        the first frame is redrawn once more with the whole clip in view.
+        (an image: text + its h*w tokens), then the rest of the clip as its continuation, the two tasks it
+        also trains on (each batch's first frames again as images); last, the first frame is redrawn once
+        more with the whole clip in view.
 Both drop the text with a small probability in training, so sampling can use classifier-free guidance.
 Positions are learned and factorised over (time, height, width), plus rotary embeddings over the same three
 axes on queries and keys, so attention scores see offsets between tokens (on shapes the masked prior draws
@@ -20,6 +21,7 @@ References:
 - MaskGIT: https://arxiv.org/abs/2202.04200     - Phenaki: https://arxiv.org/abs/2210.02399
 - Classifier-free guidance: https://arxiv.org/abs/2207.12598
 - Rotary embeddings: https://arxiv.org/abs/2104.09864, in 2D for vision: https://arxiv.org/abs/2403.13298
+- Muon (the optimizer, optional): https://kellerjordan.github.io/posts/muon/
 
 Shapes: B batch, L text tokens, N = t*h*w video tokens, C channels, V video vocabulary.
 """
@@ -149,7 +151,8 @@ class PriorConfig:
     cfg_drop: float = 0.1  # probability of training on the unconditional prompt (for guidance)
     rope: bool = True  # rotary (t, h, w) positions on queries and keys, on top of the learned ones
     prefix_prob: float = 0.5  # mask: share of training clips whose first 1 .. t-1 latent frames stay visible
-    first_prob: float = 0.25  # mask: share of training clips that hide every latent frame after the first
+    first_prob: float = 0.0  # mask: share of training clips that hide every latent frame after the first
+    image_share: float = 1.0  # mask: share of the batch whose first latent frame also trains alone, as an image
 
 
 class Prior(nn.Module):
@@ -165,6 +168,8 @@ class Prior(nn.Module):
                              'must be even (or --no-rope)')
         if len(c.grid) != 3:
             raise ValueError(f'grid is (frames, height, width) of the latent clip, got {c.grid}')
+        if not 0 <= c.image_share <= 1:
+            raise ValueError(f'image_share {c.image_share} is a share of the training batch: between 0 and 1')
         if min(c.prefix_prob, c.first_prob) < 0 or c.prefix_prob + c.first_prob > 1:
             raise ValueError(f'prefix_prob {c.prefix_prob} and first_prob {c.first_prob} are shares of the training '
                              'clips: each at least 0, together at most 1')
@@ -249,16 +254,25 @@ class Prior(nn.Module):
         logits = self.head(self.ln_f(x[:, L:]))
         # the mean over the masked tokens, as a weighted mean over all tokens: no data-dependent shapes (compile)
         ce = F.cross_entropy(logits.float().flatten(0, 1), video.flatten(), reduction='none').view(B, -1)  # (B, N)
-        loss = (ce * masked).sum() / masked.sum()
-        return logits, loss
+        total, count = (ce * masked).sum(), masked.sum()
+        n_image = round(self.config.image_share * B)
+        if n_image:  # the first latent frames alone, text + h*w tokens: the image that sampling draws first
+            image = video[:n_image, :self.config.grid[1] * self.config.grid[2]]
+            masked = self.mask_pattern(n_image, video.device, frames=1)
+            x = self.transformer(self.embed(text[:n_image], torch.where(masked, self.mask_id, image)), causal=False)
+            ce = F.cross_entropy(self.head(self.ln_f(x[:, L:])).float().flatten(0, 1), image.flatten(), reduction='none')
+            total, count = total + (ce.view(n_image, -1) * masked).sum(), count + masked.sum()
+        return logits, total / count
 
-    def mask_pattern(self, B: int, device) -> torch.Tensor:
-        """mask mode's training pattern, (B, N) bool: a cosine-scheduled share of the tokens (at least one) is
-        hidden. With probability prefix_prob a clip first keeps its first 1 .. t-1 latent frames visible and the
+    def mask_pattern(self, B: int, device, frames: int | None = None) -> torch.Tensor:
+        """mask mode's training pattern, (B, frames*h*w) bool, frames the clip's t (default) or 1 for images: a
+        cosine-scheduled share of the tokens (at least one) is hidden. With probability prefix_prob a clip first keeps its first 1 .. t-1 latent frames visible and the
         share is of the tokens after them: the continuation the sliding window and image-to-video ask for. With
-        probability first_prob every latent frame after the first is hidden and the share is of the first: the
-        image that sampling draws first (generate's first_steps)."""
-        c, (t, h, w), n = self.config, self.config.grid, self.n_video
+        probability first_prob every latent frame after the first is hidden and the share is of the first, an
+        older way to train the image that sampling draws first (generate's first_steps); see image_share."""
+        c, (_, h, w) = self.config, self.config.grid
+        t = frames or c.grid[0]  # the clip's latent frames, or 1 for an image
+        n = t * h * w
         ratio = torch.cos(torch.rand(B, 1, device=device) * math.pi / 2)
         kind = torch.rand(B, 1, device=device)
         multi = t > 1
@@ -270,14 +284,23 @@ class Prior(nn.Module):
         score = torch.rand(B, n, device=device) + (pos < prefix).float() - (pos >= n - later).float()  # prefix last, later first
         return score.argsort(1).argsort(1) < k
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str):
-        """AdamW; decay the matrices (and embeddings), not biases, norms or positions."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and not n.startswith(('text_pos', 'pos_'))]
-        ids = {id(p) for p in decay}
-        groups = [{'params': decay, 'weight_decay': weight_decay},
-                  {'params': [p for p in params if id(p) not in ids], 'weight_decay': 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str,
+                             muon: bool = False):
+        """AdamW; decay the matrices (and embeddings), not biases, norms or positions. muon: the blocks' matrices
+        take Muon's steps instead, momentum orthogonalised by a Newton-Schulz iteration (Keller Jordan's Muon),
+        scaled to AdamW's update size so that lr and weight_decay carry over; then returns [AdamW, Muon]."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        hidden = {id(p) for n, p in named if muon and p.dim() == 2 and n.startswith('blocks.')}
+        decay = {id(p) for n, p in named if p.dim() >= 2 and not n.startswith(('text_pos', 'pos_'))} - hidden
+        pick = lambda keep: [p for n, p in named if keep(id(p))]
+        groups = [{'params': pick(lambda i: i in decay), 'weight_decay': weight_decay},
+                  {'params': pick(lambda i: i not in decay and i not in hidden), 'weight_decay': 0.0}]
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+        if not muon:
+            return adamw
+        muon = torch.optim.Muon(pick(lambda i: i in hidden), lr=learning_rate, weight_decay=weight_decay,
+                                adjust_lr_fn='match_rms_adamw')
+        return [adamw, muon]
 
     def guided(self, logits, cfg: float):
         """Classifier-free guidance on a doubled batch [conditional ; unconditional]; at scale 1 the batch is
@@ -345,7 +368,8 @@ class Prior(nn.Module):
             return video.view(B, t, h, w)
         first_steps = mask_first_steps(steps, first_steps)
         if given == 0 and first_steps > 0 and t > 1:  # the first latent frame alone, then the clip continues it
-            self._generate_mask(text2, video, 0, h * w, cfg, temperature, first_steps, generator)
+            first = video[:, :h * w] if c.image_share > 0 else video  # as an image, if it trained on images
+            self._generate_mask(text2, first, 0, h * w, cfg, temperature, first_steps, generator)
             self._generate_mask(text2, video, h * w, self.n_video, cfg, temperature, steps - first_steps, generator)
         else:
             self._generate_mask(text2, video, given, self.n_video, cfg, temperature, steps, generator)

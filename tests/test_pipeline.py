@@ -56,6 +56,21 @@ def test_prior_checkpoint_from_before_rope_loads_without_it(run_dir, tmp_path):
     assert not torch.allclose(old(text, codes)[0], new(text, codes)[0])
 
 
+def test_muon_resume_is_exact_and_keeps_its_optimizer(run_dir, tmp_path):
+    common = ['--model=prior', '--mode=mask', '--data', str(run_dir / 'shapes'), '--tokenizer', str(run_dir / 'tok' / 'ckpt.pt'),
+              '--optimizer', 'muon', '--lr_decay_iters', '4', '--warmup_iters', '1', '--eval_interval', '100', *PRIOR]
+    assert train.main([*common, '--out_dir', str(tmp_path / 'a'), '--max_iters', '4']) == 0
+    assert train.main([*common, '--out_dir', str(tmp_path / 'b'), '--max_iters', '2']) == 0
+    assert train.main([*common, '--out_dir', str(tmp_path / 'b'), '--max_iters', '4', '--resume']) == 0
+    a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in 'ab')
+    assert len(b['optimizer']['optimizers']) == 2 and b['iter_num'] == 4  # AdamW's state and Muon's momenta
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    adamw = [c for c in common if c not in ('--optimizer', 'muon')]
+    code, log = run('train.py', *adamw, '--optimizer', 'adamw', '--out_dir', str(tmp_path / 'b'), '--max_iters', '6', '--resume')
+    assert code == 2 and 'trained with --optimizer muon' in log and 'Traceback' not in log
+
+
 @pytest.mark.parametrize('mode', ['ar', 'mask'])
 def test_sample_cli(run_dir, mode, tmp_path):
     out = tmp_path / 's'

@@ -113,10 +113,10 @@ def test_prefix_is_kept_and_every_token_filled(mode):
     assert out.min() >= 0 and out.max() < 30  # no mask token left
 
 
-@pytest.mark.parametrize('first_steps', [0, 2])
-def test_mask_draws_the_first_latent_frame_first(first_steps):
+@pytest.mark.parametrize('first_steps, image_share', [(0, 1.0), (2, 1.0), (2, 0.0)])
+def test_mask_draws_the_first_latent_frame_first(first_steps, image_share):
     torch.manual_seed(0)
-    m = Prior(PriorConfig(**TINY, mode='mask')).eval()
+    m = Prior(PriorConfig(**TINY, mode='mask', image_share=image_share)).eval()
     text, _ = batch()
     inputs, embed = [], m.embed
     m.embed = lambda t, v: (inputs.append(v.clone()), embed(t, v))[1]  # the video tokens each pass sees
@@ -126,6 +126,8 @@ def test_mask_draws_the_first_latent_frame_first(first_steps):
     later_hidden = [bool((v[:, 4:] == m.mask_id).all()) for v in inputs]  # grid (3, 2, 2): frame 0 is 4 tokens
     if first_steps:  # frame 0 alone while the later frames wait, then kept as the clip's given first frame
         assert later_hidden == [True] * 3 + [False] * 3  # the first pass of the rest sees frame 0 only
+        # a model that trained on first frames as images draws frame 0 as one: text + its 4 tokens alone
+        assert [v.shape[1] for v in inputs] == [4 if image_share else 12] * 2 + [12] * 4
         assert all(torch.equal(v[:, :4], out[:, :4].repeat(2, 1)) for v in inputs[2:])  # guided: doubled batch
     else:
         assert later_hidden[0] and not later_hidden[-1]  # every frame from the first pass on
@@ -193,18 +195,45 @@ def test_mask_pattern_can_hide_every_frame_after_the_first():
         Prior(PriorConfig(**TINY, mode='mask', prefix_prob=0.6, first_prob=0.5))
 
 
-@pytest.mark.parametrize('mode', ['ar', 'mask'])
-def test_overfit_one_batch(mode):
+def test_mask_trains_first_frames_as_images():
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY, mode='mask', image_share=0.5))  # training mode
+    text, codes = batch(B=4)
+    shapes, transformer = [], m.transformer
+    m.transformer = lambda x, causal: (shapes.append((tuple(x.shape[:2]), causal)), transformer(x, causal))[1]
+    _, loss = m(text, codes)
+    assert shapes == [((4, 4 + 12), False), ((2, 4 + 4), False)]  # the clips, then half of their first frames alone
+    assert torch.isfinite(loss)
+    masked = m.mask_pattern(1000, 'cpu', frames=1)
+    assert masked.shape == (1000, 4) and masked.sum(1).min() >= 1
+    assert abs(masked.float().mean().item() - 0.7) < 0.05  # ceil(4 cos(pi/2 u)) / 4 has mean about 0.7
+    shapes.clear()
+    m.config.image_share = 0.0
+    m(text, codes)
+    assert shapes == [((4, 16), False)]
+    with pytest.raises(ValueError, match='image_share'):
+        Prior(PriorConfig(**TINY, mode='mask', image_share=1.5))
+
+
+@pytest.mark.parametrize('mode, muon', [('ar', False), ('mask', False), ('mask', True)])
+def test_overfit_one_batch(mode, muon):
     torch.manual_seed(0)
     m = Prior(PriorConfig(**TINY, mode=mode, cfg_drop=0.0))
     text, codes = batch()
-    opt = m.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
+    opts = m.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu', muon=muon)
+    opts = opts if muon else [opts]
+    if muon:  # Muon takes the blocks' matrices, AdamW everything else, each parameter once
+        adamw, muon_opt = ({id(p) for g in o.param_groups for p in g['params']} for o in opts)
+        assert muon_opt == {id(p) for n, p in m.named_parameters() if n.startswith('blocks.') and p.dim() == 2}
+        assert not adamw & muon_opt and len(adamw | muon_opt) == len(list(m.parameters()))
     first = m(text, codes)[1].item()
     for _ in range(150):
         _, loss = m(text, codes)
-        opt.zero_grad()
+        for opt in opts:
+            opt.zero_grad()
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
     assert loss.item() < 0.2 * first
     if mode == 'ar':
         m.eval()

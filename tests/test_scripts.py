@@ -40,13 +40,15 @@ def test_eval_and_bench_cli(tmp_path):
     assert 'ms/step' in r.stdout and 'clips/s' in r.stdout and 'MFU' in r.stdout and '(32 tokens/clip)' in r.stdout
 
 
-@pytest.mark.parametrize('mode', ['ar', 'mask'])
-def test_bench_prior(mode):
+@pytest.mark.parametrize('mode, flags, tokens', [
+    ('ar', [], 12), ('mask', [], 12 + 8),  # text 4 + video 8; mask: every clip's first frame again as an image, 4 + 4
+    ('mask', ['--image_share', '0', '--optimizer', 'muon'], 12)])
+def test_bench_prior(mode, flags, tokens):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--model=prior', f'--mode={mode}', '--n_layer', '1',
                         '--n_embd', '32', '--n_head', '2', '--grid', '2,2,2', '--text_len', '4', '--batch_size', '2',
-                        '--steps', '1', '--warmup', '1'], capture_output=True, text=True)
+                        '--steps', '1', '--warmup', '1', *flags], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert '(12 tokens/clip)' in r.stdout and 'MFU' in r.stdout
+    assert f'({tokens} tokens/clip)' in r.stdout and 'MFU' in r.stdout
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--model=prior', f'--mode={mode}', '--n_layer', '1',
                         '--n_embd', '32', '--n_head', '2', '--grid', '2,2,2', '--text_len', '4', '--batch_size', '2',
                         '--sample', '--cfg', '1'], capture_output=True, text=True)

@@ -75,6 +75,7 @@ def test_resume_refuses_mismatches(data, tmp_path):
     (['--levels', '1,5'], 'FSQ levels'),
     (['--quantizer', 'vq'], "'fsq' or 'lfq'"),
     (['--data', 'nowhere'], 'not a dataset'),
+    (['--optimizer', 'muon'], '--optimizer muon is for the prior'),
 ])
 def test_bad_flags(data, tmp_path, flags, words):
     code, log = run_train('--model=tokenizer', '--data', data, '--out_dir', str(tmp_path / 'o'), '--max_iters', '1', *flags)
@@ -130,15 +131,17 @@ def test_auto_dtype_is_bfloat16_only_on_cpus_that_have_it(data, tmp_path, monkey
 
 
 def test_training_defaults_follow_the_model_and_the_prior_mode():
-    steps = lambda *argv: train.get_args(list(argv))[0].max_iters  # noqa: E731
-    assert steps('--model=tokenizer') == train.DEFAULTS['tokenizer']['max_iters']
-    assert steps('--model=prior') == steps('--model=prior', '--mode=ar') == train.DEFAULTS['prior']['max_iters']
-    assert steps('--model=prior', '--mode', 'mask') == train.MODE_DEFAULTS['prior', 'mask']['max_iters'] > steps('--model=prior')
-    assert steps('--model=prior', '--mode=mask', '--max_iters', '5') == 5  # a flag still wins
-    ema = lambda *argv: train.get_args(list(argv))[0].ema  # noqa: E731
-    assert ema('--model=prior') == ema('--model=prior', '--mode=ar') == 0.995  # the ar prior samples from an EMA copy
-    assert ema('--model=prior', '--mode=mask') == ema('--model=tokenizer') == 0.0
-    assert ema('--model=prior', '--ema', '0') == 0.0
+    flag = lambda name, *argv: getattr(train.get_args(list(argv))[0], name)  # noqa: E731
+    assert flag('max_iters', '--model=tokenizer') == train.DEFAULTS['tokenizer']['max_iters']
+    assert flag('max_iters', '--model=prior') == flag('max_iters', '--model=prior', '--mode=ar') == train.DEFAULTS['prior']['max_iters']
+    assert flag('max_iters', '--model=prior', '--mode=mask', '--max_iters', '5') == 5  # a flag still wins
+    # both priors sample from an EMA copy; the masked one trains its blocks with Muon
+    assert flag('ema', '--model=prior') == flag('ema', '--model=prior', '--mode=ar') == 0.995
+    assert flag('ema', '--model=prior', '--mode', 'mask') == 0.999 and flag('ema', '--model=tokenizer') == 0.0
+    assert flag('ema', '--model=prior', '--ema', '0') == 0.0
+    assert flag('optimizer', '--model=prior', '--mode=mask') == 'muon'
+    assert flag('optimizer', '--model=prior') == flag('optimizer', '--model=tokenizer') == 'adamw'
+    assert flag('optimizer', '--model=prior', '--mode=mask', '--optimizer', 'adamw') == 'adamw'
 
 
 def test_compile_without_a_cpp_compiler_trains_eagerly(data, tmp_path, monkeypatch, capsys):
