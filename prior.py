@@ -266,8 +266,9 @@ class Prior(nn.Module):
 
     def mask_pattern(self, B: int, device, frames: int | None = None) -> torch.Tensor:
         """mask mode's training pattern, (B, frames*h*w) bool, frames the clip's t (default) or 1 for images: a
-        cosine-scheduled share of the tokens (at least one) is hidden. With probability prefix_prob a clip first keeps its first 1 .. t-1 latent frames visible and the
-        share is of the tokens after them: the continuation the sliding window and image-to-video ask for. With
+        cosine-scheduled share of the tokens (at least one) is hidden. With probability prefix_prob a clip first
+        keeps its first 1 .. t-1 latent frames visible and the share is of the tokens after them: the
+        continuation the sliding window and image-to-video ask for. With
         probability first_prob every latent frame after the first is hidden and the share is of the first, an
         older way to train the image that sampling draws first (generate's first_steps); see image_share."""
         c, (_, h, w) = self.config, self.config.grid
