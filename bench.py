@@ -175,7 +175,7 @@ def tokens_per_clip(model, name, x) -> int:
         return (1 + (x.shape[2] - 1) // ft) * (x.shape[3] // fs) * (x.shape[4] // fs)
     if name == 'prior':  # text + video tokens through the transformer, and a mask prior's share of image sequences
         c, B = model.config, x.shape[0]
-        images = round(c.image_share * B) / B if c.mode == 'mask' else 0
+        images = round(c.image_share * B) / B if c.mode == 'mask' and c.grid[0] > 1 else 0
         return round(c.text_len + model.n_video + images * (c.text_len + c.grid[1] * c.grid[2]))
     raise AssertionError(name)
 

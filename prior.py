@@ -255,7 +255,7 @@ class Prior(nn.Module):
         # the mean over the masked tokens, as a weighted mean over all tokens: no data-dependent shapes (compile)
         ce = F.cross_entropy(logits.float().flatten(0, 1), video.flatten(), reduction='none').view(B, -1)  # (B, N)
         total, count = (ce * masked).sum(), masked.sum()
-        n_image = round(self.config.image_share * B)
+        n_image = round(self.config.image_share * B) if self.config.grid[0] > 1 else 0  # one frame: the clip is the image
         if n_image:  # the first latent frames alone, text + h*w tokens: the image that sampling draws first
             image = video[:n_image, :self.config.grid[1] * self.config.grid[2]]
             masked = self.mask_pattern(n_image, video.device, frames=1)

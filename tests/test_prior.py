@@ -211,6 +211,12 @@ def test_mask_trains_first_frames_as_images():
     m.config.image_share = 0.0
     m(text, codes)
     assert shapes == [((4, 16), False)]
+    m = Prior(PriorConfig(**dict(TINY, grid=(1, 2, 2)), mode='mask'))  # one latent frame: no second pass
+    shapes.clear()
+    transformer = m.transformer
+    m.transformer = lambda x, causal: (shapes.append((tuple(x.shape[:2]), causal)), transformer(x, causal))[1]
+    m(text, codes[:, :1])
+    assert shapes == [((4, 8), False)]
     with pytest.raises(ValueError, match='image_share'):
         Prior(PriorConfig(**TINY, mode='mask', image_share=1.5))
 
