@@ -390,7 +390,7 @@ class Prior(nn.Module):
                 for cache in caches:
                     cache['k'], cache['v'] = cache['k'][:B], cache['v'][:B]
             x = self.transformer(x, causal=True, start=caches[0].get('n', 0), caches=caches)
-            logits = self.guided(self.head(self.ln_f(x[:, -1])), cfg)  # (B, V)
+            logits = self.guided(self.head(self.ln_f(x[:, -1])).float(), cfg)  # (B, V)
             video[:, i] = self.sample_logits(logits, temperature, top_k, top_p, generator)
             x = self.tok_emb(video[:, i:i + 1].repeat(copies, 1)) + pos[i:i + 1]  # (copies * B, 1, C)
 
@@ -404,7 +404,7 @@ class Prior(nn.Module):
         copies = text2.shape[0] // B  # 2 with guidance
         for s in range(steps):
             x = self.transformer(self.embed(text2, torch.where(known, video, self.mask_id).repeat(copies, 1)), causal=False)
-            logits = self.guided(self.head(self.ln_f(x[:, -N:])), cfg).float()  # (B, N, V)
+            logits = self.guided(self.head(self.ln_f(x[:, -N:])).float(), cfg)  # (B, N, V)
             gumbel = lambda shape: -torch.log(-torch.log(torch.rand(shape, generator=generator, device=logits.device)
                                                          .clamp(1e-20, 1)))
             sample = (logits / temperature + gumbel(logits.shape)).argmax(-1) if temperature > 0 else logits.argmax(-1)

@@ -154,6 +154,22 @@ def test_eval_prior_cli(run_dir, tmp_path):
     assert acc['settings']['refine_cfg'] == 1.0
 
 
+def test_eval_dtype_autocasts_the_sampler(run_dir, monkeypatch):
+    import eval as eval_lib
+    import prior
+    seen, generate = [], prior.Prior.generate
+
+    def spy(self, *a, **k):
+        seen.append(torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16)
+        return generate(self, *a, **k)
+    monkeypatch.setattr(prior.Prior, 'generate', spy)
+    for dtype, want in (('bfloat16', True), ('float32', False)):
+        seen.clear()
+        assert eval_lib.main(['--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--n_prompts', '2', '--samples_per_prompt',
+                              '1', '--steps', '2', '--dtype', dtype]) == 0
+        assert seen and all(s == want for s in seen), (dtype, seen)
+
+
 def test_prior_without_tokenizer_is_a_clear_error(run_dir, tmp_path):
     code, log = run('train.py', '--model=prior', '--data', str(run_dir / 'shapes'), '--tokenizer', str(tmp_path / 'no.pt'),
                     '--out_dir', str(tmp_path / 'p'), '--max_iters', '1')
