@@ -210,7 +210,7 @@ def main(argv=None) -> int:
             ctx = torch.autocast(args.device.split(':')[0], dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
             if args.story:
                 with ctx:
-                        out = eval_story(model, ckpt, args.story, args.story_frames, args.story_cut, args.batch_size,
+                    out = eval_story(model, ckpt, args.story, args.story_frames, args.story_cut, args.batch_size,
                                      args.device, args.seed, turn_context=args.turn_context, **kw)
             else:
                 with ctx:
