@@ -206,14 +206,12 @@ def main(argv=None) -> int:
             kw = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, steps=args.steps,
                       guide_frames=args.guide_frames, first_steps=args.first_steps, refine_steps=args.refine_steps,
                       refine_cfg=args.refine_cfg)
-            # autocast the sampler too: the transformer's matmuls are most of a video's time
-            ctx = torch.autocast(args.device.split(':')[0], dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
-            if args.story:
-                with ctx:
+            # --dtype bfloat16 autocasts the sampler (transformer and decoder) as it does the tokenizer's metrics
+            with torch.autocast(args.device.split(':')[0], dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16'):
+                if args.story:
                     out = eval_story(model, ckpt, args.story, args.story_frames, args.story_cut, args.batch_size,
                                      args.device, args.seed, turn_context=args.turn_context, **kw)
-            else:
-                with ctx:
+                else:
                     out = eval_prior(model, ckpt, args.n_prompts, args.samples_per_prompt, args.batch_size,
                                      args.device, args.seed, **kw)
             out['settings'] = dict(kw, seed=args.seed, mode=model.config.mode)
