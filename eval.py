@@ -66,7 +66,7 @@ def eval_tokenizer(model, ckpt, data_dir: str, n: int, batch_size: int, device: 
                 same += ro['valid'] and ro == rr
     out = dict(clips=n, psnr=float(np.mean(psnr)), ssim=float(np.mean(ssims)),
                codebook_used=int(used.sum()), codebook_size=model.codebook_size,
-               codebook_usage=float(used.float().mean()), seconds=round(time.time() - t0, 1))
+               codebook_usage=float(used.float().mean()), seconds=round(time.time() - t0, 1), dtype=dtype)
     if shapes:
         out['reader_accuracy'] = same / max(valid_orig, 1)
     return out
@@ -160,7 +160,8 @@ def main(argv=None) -> int:
     p.add_argument('--n', type=int, default=512, help='validation clips to measure')
     p.add_argument('--batch_size', type=int, default=32, help='clips per forward pass')
     p.add_argument('--device', default='cpu', help='cpu, cuda, ...')
-    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='autocast dtype for the model')
+    p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16'],
+                   help='autocast dtype for the model (auto: bfloat16 where it is native, as in train.py, else float32)')
     p.add_argument('--json', default=None, help='also write the figures to this JSON file')
     p.add_argument('--n_prompts', type=int, default=192, help='prior: shapes captions to prompt with (a random subset below 192)')
     p.add_argument('--samples_per_prompt', type=int, default=2, help='prior: videos per caption')
@@ -183,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument('--turn_context', type=int, default=1, help='prior: latent frames kept where the prompt changes '
                    '(as sample.py --turn_context)')
     args = p.parse_args(argv)
+    if args.dtype == 'auto':  # float16 is train.py's pick on CUDA without bfloat16; eval.py measures in float32 there
+        args.dtype = 'bfloat16' if train.auto_dtype(args.device.split(':')[0]) == 'bfloat16' else 'float32'
     try:
         model, ckpt = train.load_model(args.ckpt, args.device)
         data = args.data or ckpt['args']['data']
@@ -214,7 +217,7 @@ def main(argv=None) -> int:
                 else:
                     out = eval_prior(model, ckpt, args.n_prompts, args.samples_per_prompt, args.batch_size,
                                      args.device, args.seed, **kw)
-            out['settings'] = dict(kw, seed=args.seed, mode=model.config.mode)
+            out['settings'] = dict(kw, seed=args.seed, mode=model.config.mode, dtype=args.dtype)
         else:
             raise train.TrainError(f'eval.py does not measure {name} checkpoints yet')
     except (train.TrainError, FileNotFoundError, ValueError) as e:

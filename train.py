@@ -229,6 +229,14 @@ def cpu_has_bf16() -> bool:
     return any(getattr(cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
 
 
+def auto_dtype(device_type: str) -> str:
+    """--dtype auto: bfloat16 where it is native (CUDA that has it, or a CPU with AVX-512 BF16 or AMX), else
+    float16 on CUDA and float32 elsewhere."""
+    if (device_type == 'cpu' and cpu_has_bf16()) or (device_type == 'cuda' and torch.cuda.is_bf16_supported()):
+        return 'bfloat16'
+    return 'float16' if device_type == 'cuda' else 'float32'
+
+
 def load_checkpoint(path: str) -> dict:
     if not os.path.exists(path):
         raise TrainError(f'no checkpoint at {path}; train one with python train.py --model=... --out_dir '
@@ -331,8 +339,7 @@ def train(args, overrides):
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else device
     if args.dtype == 'auto':
-        args.dtype = 'bfloat16' if (device_type == 'cpu' and cpu_has_bf16()) or \
-            (device_type == 'cuda' and torch.cuda.is_bf16_supported()) else 'float16' if device_type == 'cuda' else 'float32'
+        args.dtype = auto_dtype(device_type)
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.dtype]
     ctx = nullcontext() if args.dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     if device_type == 'cuda':

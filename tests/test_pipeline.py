@@ -154,7 +154,7 @@ def test_eval_prior_cli(run_dir, tmp_path):
     assert acc['settings']['refine_cfg'] == 1.0
 
 
-def test_eval_dtype_autocasts_the_sampler(run_dir, monkeypatch):
+def test_eval_dtype_autocasts_the_sampler(run_dir, tmp_path, monkeypatch):
     import eval as eval_lib
     import prior
     seen, generate = [], prior.Prior.generate
@@ -163,11 +163,15 @@ def test_eval_dtype_autocasts_the_sampler(run_dir, monkeypatch):
         seen.append(torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16)
         return generate(self, *a, **k)
     monkeypatch.setattr(prior.Prior, 'generate', spy)
-    for dtype, want in (('bfloat16', True), ('float32', False)):
+    # auto (the default) is bfloat16 only on a CPU that has it natively, as in train.py
+    for dtype, has_bf16, want in (('bfloat16', False, True), ('float32', True, False), ('auto', True, True),
+                                  ('auto', False, False)):
         seen.clear()
+        monkeypatch.setattr(train, 'cpu_has_bf16', lambda: has_bf16)
         assert eval_lib.main(['--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--n_prompts', '2', '--samples_per_prompt',
-                              '1', '--steps', '2', '--dtype', dtype]) == 0
-        assert seen and all(s == want for s in seen), (dtype, seen)
+                              '1', '--steps', '2', '--dtype', dtype, '--json', str(tmp_path / 'acc.json')]) == 0
+        assert seen and all(s == want for s in seen), (dtype, has_bf16, seen)
+        assert json.load(open(tmp_path / 'acc.json'))['settings']['dtype'] == ('bfloat16' if want else 'float32')
 
 
 def test_prior_without_tokenizer_is_a_clear_error(run_dir, tmp_path):
