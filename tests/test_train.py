@@ -137,7 +137,8 @@ def test_training_defaults_follow_the_model_and_the_prior_mode():
     assert flag('max_iters', '--model=prior', '--mode=mask', '--max_iters', '5') == 5  # a flag still wins
     # both priors sample from an EMA copy; the masked one trains its blocks with Muon
     assert flag('ema', '--model=prior') == flag('ema', '--model=prior', '--mode=ar') == 0.995
-    assert flag('ema', '--model=prior', '--mode', 'mask') == 0.999 and flag('ema', '--model=tokenizer') == 0.0
+    assert flag('ema', '--model=prior', '--mode', 'mask') == 0.99 and flag('ema', '--model=tokenizer') == 0.0
+    assert flag('lr', '--model=prior', '--mode=mask') == 6e-3 and flag('lr', '--model=prior') == 2e-3  # mask: shorter
     assert flag('ema', '--model=prior', '--ema', '0') == 0.0
     assert flag('optimizer', '--model=prior', '--mode=mask') == 'muon'
     assert flag('optimizer', '--model=prior') == flag('optimizer', '--model=tokenizer') == 'adamw'
