@@ -298,6 +298,7 @@ def tokenizer_key(tok_ckpt: dict) -> str:
     return h.hexdigest()[:12]
 
 
+@torch.no_grad()
 def code_split(data: dict, data_dir: str, tok, key: str, res: int, device: str, batch_size: int = 32) -> dict:
     """The split with its clips replaced by the frozen tokenizer's codes, encoded once and cached next to
     the data as a uint16 memmap (N, t, h, w) named after the tokenizer, so later runs start at once."""
