@@ -130,19 +130,18 @@ def test_auto_dtype_is_bfloat16_only_on_cpus_that_have_it(data, tmp_path, monkey
     assert ckpt['args']['dtype'] == ('bfloat16' if has_bf16 else 'float32')
 
 
-def test_training_defaults_follow_the_model_and_the_prior_mode():
+def test_training_defaults_follow_the_model():
     flag = lambda name, *argv: getattr(train.get_args(list(argv))[0], name)  # noqa: E731
-    assert flag('max_iters', '--model=tokenizer') == train.DEFAULTS['tokenizer']['max_iters']
-    assert flag('max_iters', '--model=prior') == flag('max_iters', '--model=prior', '--mode=ar') == train.DEFAULTS['prior']['max_iters']
+    assert flag('max_iters', '--model=tokenizer') == train.DEFAULTS['tokenizer']['max_iters'] == 4000
+    assert flag('max_iters', '--model=prior') == flag('max_iters', '--model=prior', '--mode=mask') == 2500
     assert flag('max_iters', '--model=prior', '--mode=mask', '--max_iters', '5') == 5  # a flag still wins
-    # both priors sample from an EMA copy; the masked one trains its blocks with Muon
-    assert flag('ema', '--model=prior') == flag('ema', '--model=prior', '--mode=ar') == 0.995
-    assert flag('ema', '--model=prior', '--mode', 'mask') == 0.99 and flag('ema', '--model=tokenizer') == 0.0
-    assert flag('lr', '--model=prior', '--mode=mask') == 6e-3 and flag('lr', '--model=prior') == 2e-3  # mask: shorter
-    assert flag('ema', '--model=prior', '--ema', '0') == 0.0
-    assert flag('optimizer', '--model=prior', '--mode=mask') == 'muon'
-    assert flag('optimizer', '--model=prior') == flag('optimizer', '--model=tokenizer') == 'adamw'
-    assert flag('optimizer', '--model=prior', '--mode=mask', '--optimizer', 'adamw') == 'adamw'
+    # both priors sample from a short EMA copy and train their blocks with Muon at a high lr
+    assert flag('ema', '--model=prior') == flag('ema', '--model=prior', '--mode', 'mask') == 0.99
+    assert flag('ema', '--model=tokenizer') == 0.0 and flag('ema', '--model=prior', '--ema', '0') == 0.0
+    assert flag('lr', '--model=prior', '--mode=ar') == 6e-3 and flag('lr', '--model=tokenizer') == 1e-3
+    assert flag('optimizer', '--model=prior') == flag('optimizer', '--model=prior', '--mode=mask') == 'muon'
+    assert flag('optimizer', '--model=tokenizer') == 'adamw'
+    assert flag('optimizer', '--model=prior', '--optimizer', 'adamw') == 'adamw'
 
 
 def test_compile_without_a_cpp_compiler_trains_eagerly(data, tmp_path, monkeypatch, capsys):
