@@ -49,6 +49,17 @@ def test_reader_on_downsampled_clips():
         assert got['valid'] and {a: got[a] for a in pd.ATTRIBUTES} == c['attrs']
 
 
+def test_to_model_area_averages_into_channels_first_floats():
+    clips = np.random.default_rng(3).integers(0, 256, (2, 5, 8, 8, 3), dtype=np.uint8)
+    x = pd.to_model(clips, resolution=4)
+    assert x.shape == (2, 3, 5, 4, 4) and x.dtype == torch.float32 and x.is_contiguous()
+    blocks = clips.astype(np.float64).reshape(2, 5, 4, 2, 4, 2, 3).mean((3, 5))  # (B, T, h, w, 3)
+    np.testing.assert_allclose(x.permute(0, 2, 3, 4, 1).numpy(), blocks / 127.5 - 1, atol=1e-6)
+    np.testing.assert_allclose(pd.to_model(clips).permute(0, 2, 3, 4, 1).numpy(), clips / 127.5 - 1, atol=1e-6)
+    with pytest.raises(ValueError, match='must divide'):
+        pd.to_model(clips, resolution=3)
+
+
 def test_reader_flags_invalid_videos():
     rng = np.random.default_rng(2)
     a, b = pd.sample_shapes(2, 64, 17, rng)
