@@ -38,7 +38,7 @@ resume() {  # --resume when an earlier run of this step left a checkpoint
 
 step data python prepare_data.py --out "$DATA" --holdout "green triangle,small cyan" ${DATA_FLAGS:-}
 step tokenizer_data python prepare_data.py --out "$TOK_DATA" ${DATA_FLAGS:-}
-step tokenizer python train.py --model=tokenizer --data "$TOK_DATA" --out_dir "$TOK" --max_iters 2500 \
+step tokenizer python train.py --model=tokenizer --data "$TOK_DATA" --out_dir "$TOK" --max_iters 2000 \
     $(resume "$TOK") ${TOK_FLAGS:-}
 step prior python train.py --model=prior --mode=$MODE --data "$DATA" --tokenizer "$TOK/ckpt.pt" --out_dir "$PRIOR" \
     --compile $(resume "$PRIOR") ${PRIOR_FLAGS:-}
