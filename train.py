@@ -181,6 +181,9 @@ def check_args(args):
         raise TrainError(f'--resolution must be 0 (the data size) or positive, got {args.resolution}')
     if args.optimizer == 'muon' and args.model != 'prior':
         raise TrainError(f'--optimizer muon is for the prior (its transformer matrices); train the {args.model} with adamw')
+    if args.optimizer == 'muon' and not hasattr(torch.optim, 'Muon'):
+        raise TrainError(f'--optimizer muon (the prior\'s default) needs torch >= 2.9 for torch.optim.Muon; this is torch '
+                         f'{torch.__version__}: upgrade torch (pip install -r requirements.txt) or pass --optimizer adamw')
 
 
 # -----------------------------------------------------------------------------

@@ -82,6 +82,13 @@ def test_bad_flags(data, tmp_path, flags, words):
     assert code == 2 and words in log and 'Traceback' not in log, log
 
 
+def test_muon_on_a_torch_without_it_says_what_to_do(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.delattr(torch.optim, 'Muon')
+    code = train.main(['--model=prior', '--data', data, '--out_dir', str(tmp_path / 'o'), '--max_iters', '1'])
+    log = capsys.readouterr()
+    assert code == 2 and 'needs torch >= 2.9' in log.out + log.err and '--optimizer adamw' in log.out + log.err
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(data, tmp_path):
     out = str(tmp_path / 'n')
     base = ['--model=tokenizer', '--data', data, '--out_dir', out, '--eval_interval', '100', '--log_interval', '1', *TINY]
