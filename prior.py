@@ -8,7 +8,7 @@ Two modes, one set of weights and code:
         cosine-scheduled share of the tokens is replaced by a mask token; sampling fills the clip in a
         few parallel steps, keeping the most confident predictions: first the first latent frame alone
         (an image: text + its h*w tokens), then the rest of the clip as its continuation, the two tasks it
-        also trains on (each batch's first frames again as images); last, the first frame is redrawn once
+        also trains on (each clip's first frame again, twice, as images); last, the first frame is redrawn once
         more with the whole clip in view.
 Both drop the text with a small probability in training, so sampling can use classifier-free guidance.
 Positions are learned and factorised over (time, height, width), plus rotary embeddings over the same three
@@ -152,7 +152,8 @@ class PriorConfig:
     rope: bool = True  # rotary (t, h, w) positions on queries and keys, on top of the learned ones
     prefix_prob: float = 0.5  # mask: share of training clips whose first 1 .. t-1 latent frames stay visible
     first_prob: float = 0.0  # mask: share of training clips that hide every latent frame after the first
-    image_share: float = 1.0  # mask: share of the batch whose first latent frame also trains alone, as an image
+    image_share: float = 2.0  # mask: first latent frames trained again alone, as images, per clip (0.5: half the
+    #                           batch's; 2: each clip's twice, with other masks)
 
 
 class Prior(nn.Module):
@@ -168,8 +169,8 @@ class Prior(nn.Module):
                              'must be even (or --no-rope)')
         if len(c.grid) != 3:
             raise ValueError(f'grid is (frames, height, width) of the latent clip, got {c.grid}')
-        if not 0 <= c.image_share <= 1:
-            raise ValueError(f'image_share {c.image_share} is a share of the training batch: between 0 and 1')
+        if not 0 <= c.image_share <= 16:
+            raise ValueError(f'image_share {c.image_share} is images per training clip: between 0 and 16')
         if min(c.prefix_prob, c.first_prob) < 0 or c.prefix_prob + c.first_prob > 1:
             raise ValueError(f'prefix_prob {c.prefix_prob} and first_prob {c.first_prob} are shares of the training '
                              'clips: each at least 0, together at most 1')
@@ -257,9 +258,10 @@ class Prior(nn.Module):
         total, count = (ce * masked).sum(), masked.sum()
         n_image = round(self.config.image_share * B) if self.config.grid[0] > 1 else 0  # one frame: the clip is the image
         if n_image:  # the first latent frames alone, text + h*w tokens: the image that sampling draws first
-            image = video[:n_image, :self.config.grid[1] * self.config.grid[2]]
+            rows = torch.arange(n_image, device=video.device) % B  # above 1, each clip's image again, other masks
+            image = video[rows, :self.config.grid[1] * self.config.grid[2]]
             masked = self.mask_pattern(n_image, video.device, frames=1)
-            x = self.transformer(self.embed(text[:n_image], torch.where(masked, self.mask_id, image)), causal=False)
+            x = self.transformer(self.embed(text[rows], torch.where(masked, self.mask_id, image)), causal=False)
             ce = F.cross_entropy(self.head(self.ln_f(x[:, L:])).float().flatten(0, 1), image.flatten(), reduction='none')
             total, count = total + (ce.view(n_image, -1) * masked).sum(), count + masked.sum()
         return logits, total / count

@@ -218,7 +218,22 @@ def test_mask_trains_first_frames_as_images():
     m(text, codes[:, :1])
     assert shapes == [((4, 8), False)]
     with pytest.raises(ValueError, match='image_share'):
-        Prior(PriorConfig(**TINY, mode='mask', image_share=1.5))
+        Prior(PriorConfig(**TINY, mode='mask', image_share=-1))
+
+
+def test_mask_image_share_above_one_repeats_each_clips_image_with_other_masks():
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY, mode='mask', image_share=2.0, cfg_drop=0.0))
+    text, codes = batch(B=3)
+    inputs, embed = [], m.embed
+    m.embed = lambda t, v: (inputs.append((t, v)), embed(t, v))[1]
+    m(text, codes)
+    (t_clip, _), (t_img, v_img) = inputs
+    assert v_img.shape == (6, 4) and torch.equal(t_img, text.repeat(2, 1))  # clips 0 1 2 0 1 2, first frames
+    first = codes[:, 0].reshape(3, -1).repeat(2, 1)
+    shown = v_img != m.mask_id
+    assert torch.equal(v_img[shown], first[shown]) and (~shown).any(1).all()
+    assert not torch.equal(shown[:3], shown[3:])  # each copy hides its own tokens
 
 
 @pytest.mark.parametrize('mode, muon', [('ar', False), ('mask', False), ('mask', True)])
