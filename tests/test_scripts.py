@@ -41,8 +41,8 @@ def test_eval_and_bench_cli(tmp_path):
 
 
 @pytest.mark.parametrize('mode, flags, tokens', [
-    ('ar', [], 12), ('mask', [], 12 + 8),  # text 4 + video 8; mask: every clip's first frame again as an image, 4 + 4
-    ('mask', ['--image_share', '0', '--optimizer', 'muon'], 12)])
+    ('ar', [], 12), ('mask', [], 12 + 2 * 8),  # text 4 + video 8; mask: every clip's first frame twice again as an image
+    ('mask', ['--image_share', '1'], 12 + 8), ('mask', ['--image_share', '0', '--optimizer', 'muon'], 12)])
 def test_bench_prior(mode, flags, tokens):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--model=prior', f'--mode={mode}', '--n_layer', '1',
                         '--n_embd', '32', '--n_head', '2', '--grid', '2,2,2', '--text_len', '4', '--batch_size', '2',
