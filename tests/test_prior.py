@@ -228,7 +228,7 @@ def test_mask_image_share_above_one_repeats_each_clips_image_with_other_masks():
     inputs, embed = [], m.embed
     m.embed = lambda t, v: (inputs.append((t, v)), embed(t, v))[1]
     m(text, codes)
-    (t_clip, _), (t_img, v_img) = inputs
+    _, (t_img, v_img) = inputs  # the clips' pass, then the images'
     assert v_img.shape == (6, 4) and torch.equal(t_img, text.repeat(2, 1))  # clips 0 1 2 0 1 2, first frames
     first = codes[:, 0].reshape(3, -1).repeat(2, 1)
     shown = v_img != m.mask_id
