@@ -60,7 +60,7 @@ def main(argv=None):
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
     p.add_argument('--device', default='cpu', help='cpu, cuda, ...')
     p.add_argument('--steps', type=int, default=10, help='timed steps')
-    p.add_argument('--optimizer', default='adamw', choices=['adamw', 'muon'], help='muon: as train.py')
+    p.add_argument('--optimizer', default='adamw', choices=['adamw', 'muon'], help='muon: as train.py (prior only)')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps first (compilation happens here)')
     cfg_cls, model_cls = train.MODELS[name]
     train.add_config_flags(p, cfg_cls)
@@ -76,6 +76,8 @@ def main(argv=None):
     device_type = 'cuda' if args.device.startswith('cuda') else args.device
     if device_type == 'cpu':
         model = model.to(memory_format=torch.channels_last_3d)
+    if args.optimizer == 'muon' and name != 'prior':
+        p.error('--optimizer muon is for the prior')
     muon = {'muon': True} if args.optimizer == 'muon' else {}
     optimizer = train.Optimizers(model.configure_optimizers(0.0, 1e-4, (0.9, 0.99), device_type, **muon))
     dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.dtype]

@@ -278,44 +278,6 @@ class Discriminator(nn.Module):
         return self.conv_out(x)
 
 
-def orthogonalize(g, steps: int = 5, eps: float = 1e-7):
-    """About the nearest semi-orthogonal matrix to g (U V^T of its SVD): a quintic Newton-Schulz iteration in
-    bfloat16 with Muon's coefficients, which pushes every singular value into about [0.7, 1.2] fast."""
-    x = g.bfloat16()
-    tall = x.shape[0] > x.shape[1]
-    if tall:  # iterate on the wide side: the Gram matrix x x^T is the smaller one
-        x = x.mT
-    x = x / (x.norm() + eps)
-    a, b, c = 3.4445, -4.7750, 2.0315
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.mT if tall else x
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon (Keller Jordan) for convolution kernels, which torch.optim.Muon (2-D only) does not take: Nesterov
-    momentum whose update, each kernel seen as a (out, in * kt * kh * kw) matrix, is orthogonalised, then scaled
-    to AdamW's update size (0.2 * sqrt(larger side), torch's match_rms_adamw) so that lr carries over."""
-
-    def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if 'momentum_buffer' not in state:
-                    state['momentum_buffer'] = torch.zeros_like(p)
-                buf = state['momentum_buffer'].lerp_(p.grad, 1 - group['momentum'])
-                update = orthogonalize(p.grad.lerp(buf, group['momentum']).reshape(len(p), -1), group['ns_steps'])
-                p.mul_(1 - group['lr'] * group['weight_decay'])
-                p.add_(update.view(p.shape).to(p.dtype), alpha=-group['lr'] * 0.2 * math.sqrt(max(update.shape)))
-
-
 @dataclass
 class TokenizerConfig:
     channels: int = 32  # width of the first level
@@ -454,21 +416,14 @@ class Tokenizer(nn.Module):
         return loss
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str,
-                             disc_lr_mult: float = 1.0, muon: bool = False):
-        """AdamW; weight decay on conv/linear weights only; the discriminator in its own group. muon: the
-        kernels between the first and the last convolution of the encoder and the decoder take Muon's steps
-        instead; then returns [AdamW, Muon]."""
+                             disc_lr_mult: float = 1.0):
+        """AdamW; weight decay on conv/linear weights only; the discriminator in its own group."""
         gen = [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith('disc.')]
-        outer = ('encoder.conv_in.', 'encoder.conv_out.', 'decoder.conv_in.', 'decoder.conv_out.')
-        hidden = [p for n, p in gen if muon and p.dim() >= 2 and not n.startswith(outer)]
-        taken = {id(p) for p in hidden}
-        rest = [(n, p) for n, p in gen if id(p) not in taken]
-        groups = [{'params': [p for n, p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
-                  {'params': [p for n, p in rest if p.dim() < 2], 'weight_decay': 0.0}]
+        groups = [{'params': [p for n, p in gen if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for n, p in gen if p.dim() < 2], 'weight_decay': 0.0}]
         if self.disc is not None:
             groups.append({'params': list(self.disc.parameters()), 'weight_decay': 0.0, 'lr_mult': disc_lr_mult})
-        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
-        return [adamw, Muon(hidden, lr=learning_rate, weight_decay=weight_decay)] if muon else adamw
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
 
     @torch.no_grad()
     def encode(self, x):
