@@ -40,11 +40,8 @@ step data python prepare_data.py --out "$DATA" --holdout "green triangle,small c
 step tokenizer_data python prepare_data.py --out "$TOK_DATA" ${DATA_FLAGS:-}
 step tokenizer python train.py --model=tokenizer --data "$TOK_DATA" --out_dir "$TOK" --max_iters 2000 \
     $(resume "$TOK") ${TOK_FLAGS:-}
-# mask trains 500 steps more than train.py's 2500: it draws small shapes soft for longer (0.936 against 0.891)
-STEPS=2500
-if [[ $MODE == mask ]]; then STEPS=3000; fi
 step prior python train.py --model=prior --mode=$MODE --data "$DATA" --tokenizer "$TOK/ckpt.pt" --out_dir "$PRIOR" \
-    --max_iters $STEPS --compile $(resume "$PRIOR") ${PRIOR_FLAGS:-}
+    --max_iters 2500 --compile $(resume "$PRIOR") ${PRIOR_FLAGS:-}
 step samples python sample.py --ckpt "$PRIOR/ckpt.pt" --out "$PRIOR/samples" --num_samples 4 --no_mp4 \
     --prompt "a big red circle moving left" --prompt "a small blue square moving up" \
     --prompt "a big yellow cross moving right" --prompt "a small magenta triangle moving down" \
