@@ -1,15 +1,14 @@
 """
-Text to video with a trained prior: prompt -> BPE ids -> prior.generate -> tokenizer.decode -> files.
+Text to video: prompt -> text ids -> a generator's sample -> the tokenizer's decoder (for a model of codes) -> files.
 
-    python sample.py --ckpt out/prior/ckpt.pt --prompt "a big red circle moving left" --num_samples 8 --seed 0
-    python sample.py --ckpt out/prior/ckpt.pt --story "a red circle moving left|a red circle moving up" --frames 33
-    python sample.py --ckpt out/prior/ckpt.pt --prompt "a blue box moving down" --image first_frame.png
+    python sample.py --ckpt out/pipeline_ar/ckpt.pt --prompt "a big red circle moving left" --num_samples 8 --seed 0
+    python sample.py --ckpt out/pipeline_ar/ckpt.pt --frames 33 --story "a red ball moving left|a red ball moving up"
+    python sample.py --ckpt out/pipeline_ar/ckpt.pt --prompt "a blue box moving down" --image first_frame.png
 
-Writes, per prompt, a GIF (and MP4) and a raw .npy (T, H, W, 3) uint8 per sample, a PNG contact sheet
-(a row per sample), and one line per sample in samples.jsonl (file, prompt, seed, settings), so every
-sample can be reproduced and judged. Videos longer than the training clip are made through a sliding
-window over latent frames, keeping --context latent frames of the last window; a story gives each
-window its own prompt.
+Writes, per prompt, a GIF (and MP4) and a raw .npy (T, H, W, 3) uint8 per sample, a PNG contact sheet (a row
+per sample), and one line per sample in samples.jsonl (file, prompt, seed, settings), so every sample can be
+reproduced and judged. Videos longer than the training clip are made through a sliding window over latent
+frames, keeping --context latent frames of the last window; a story gives each window its own prompt.
 """
 import argparse
 import json
@@ -23,17 +22,60 @@ import numpy as np
 import torch
 
 import prepare_data
-import prior as prior_lib
+import tokenizer
 import train
+
+SETTINGS = ('cfg', 'temperature', 'top_k', 'top_p', 'guide_frames', 'kv_cache', 'steps', 'first_steps', 'refine_steps',
+            'refine_cfg')  # generators' sampling settings: each model takes its own and names the others' owners
 
 
 class SampleError(Exception):
     pass
 
 
-def encode_prompts(prompts: list[str], text_meta: dict) -> torch.Tensor:
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of SETTINGS (eval.py and bench.py take them too); unset, each is the model's default."""
+    g = p.add_argument_group("sampling settings (default: the model's; a flag of the other mode is an error)")
+    g.add_argument('--cfg', type=float, help='classifier-free guidance scale, 1 = none (ar and mask: 2)')
+    g.add_argument('--temperature', type=float, help='sampling temperature, 0 = greedy (ar: 0.4, mask: 0.3)')
+    g.add_argument('--top_k', type=int, help='ar: sample among the k most likely tokens')
+    g.add_argument('--top_p', type=float, help='ar: nucleus sampling mass')
+    g.add_argument('--guide_frames', type=int, help='ar: guide only the first N latent frames of each window (1)')
+    g.add_argument('--kv_cache', action=argparse.BooleanOptionalAction, help='ar: a KV cache (on), or recompute all')
+    g.add_argument('--steps', type=int, help='mask: parallel decoding steps (12)')
+    g.add_argument('--first_steps', type=int,
+                   help='mask: steps that draw the first latent frame alone before the rest (a third; 0 = all at once)')
+    g.add_argument('--refine_steps', type=int, help='mask: steps after --steps that redraw the first latent frame (2)')
+    g.add_argument('--refine_cfg', type=float, help='mask: guidance scale of the redraw steps (1 = none)')
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--device', default='auto', help='auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps')
+    p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
+                   help="autocast dtype; auto as train.py's: bfloat16 where it is native, else float16 on CUDA, "
+                        'float32 on other CPUs')
+
+
+def load(path: str, device: str):
+    """The generator a checkpoint holds, in eval mode, and the tokenizer it reads codes of (None for pixels)."""
+    ckpt = train.read_checkpoint(path, 'train one with python train.py --model=prior (see README.md)')
+    model = train.load_model(ckpt, device)
+    if model.kind != 'generator':
+        raise SampleError(f"{path} is a {ckpt['model_type']} checkpoint; sampling needs a generator such as a prior "
+                          '(python train.py --model=prior)')
+    return model, tokenizer_of(model, ckpt, device), ckpt
+
+
+def tokenizer_of(model, ckpt: dict, device: str):
+    """The tokenizer whose codes a model reads, which its checkpoint carries; None for a model of pixels."""
+    if model.reads != 'codes':
+        return None
+    return tokenizer.Tokenizer.from_checkpoint(ckpt['tokenizer']).to(device).eval()
+
+
+def encode_prompts(prompts: list[str], meta: dict) -> torch.Tensor:
     """Prompts -> (n, text_len) ids, refusing empty or too long ones."""
-    enc, L, pad = prepare_data.get_encoding(text_meta), text_meta['text_len'], text_meta['pad_id']
+    enc, L, pad = prepare_data.get_encoding(meta['text']), meta['text_len'], meta['text']['pad_id']
     ids = torch.full((len(prompts), L), pad, dtype=torch.long)
     for i, p in enumerate(prompts):
         if not p.strip():
@@ -43,34 +85,6 @@ def encode_prompts(prompts: list[str], text_meta: dict) -> torch.Tensor:
             raise SampleError(f'prompt "{p}" is {len(toks)} tokens; this model reads at most {L}')
         ids[i, :len(toks)] = torch.tensor(toks)
     return ids
-
-
-def load_tokenizer(ckpt: dict, device: str):
-    import tokenizer as tokenizer_lib
-    tok = tokenizer_lib.Tokenizer(tokenizer_lib.TokenizerConfig(**ckpt['tokenizer']['config']))
-    tok.load_state_dict(ckpt['tokenizer']['model'])
-    return tok.to(device).eval()
-
-
-@torch.no_grad()
-def generate_codes(model, ids_per_window: list[torch.Tensor], n_latent: int, context: int, prefix=None,
-                   generator=None, turn_context: int | None = 1, **kw) -> torch.Tensor:
-    """Latent codes (B, n_latent, h, w): the first window from scratch (or from prefix), then windows that
-    keep the last `context` latent frames and add the rest, each with its own prompt ids. A window whose
-    prompt differs from the last one's (a story's next part) keeps only the last `turn_context` latent
-    frames (None: `context`) and is guided on all its frames (ar): the new prompt then steers the motion
-    while the object stays where it was (on shapes, second-segment accuracy 0.20 -> 0.96 for ar)."""
-    codes = model.generate(ids_per_window[0], prefix=prefix, generator=generator, **kw)  # (B, t, h, w)
-    w = 1
-    while codes.shape[1] < n_latent:
-        ids = ids_per_window[min(w, len(ids_per_window) - 1)]
-        turn = not torch.equal(ids, ids_per_window[min(w - 1, len(ids_per_window) - 1)])
-        keep = turn_context if turn and turn_context else context
-        nxt = model.generate(ids, prefix=codes[:, -keep:], generator=generator,
-                             **dict(kw, guide_frames=model.config.grid[0]) if turn else kw)
-        codes = torch.cat([codes, nxt[:, keep:]], 1)
-        w += 1
-    return codes[:, :n_latent]
 
 
 def windows_needed(n_latent: int, t: int, context: int) -> int:
@@ -84,45 +98,56 @@ def story_windows(parts: list[str], n_win: int) -> list[str]:
 
 def window_start_frame(k: int, t: int, context: int, ft: int) -> int:
     """The first video frame that window k (k >= 1) adds; window 0 makes frames 0 .. 1 + ft * (t - 1)."""
-    first_latent = t + (k - 1) * (t - context)
-    return 1 + ft * (first_latent - 1)
+    return 1 + ft * (t + (k - 1) * (t - context) - 1)
+
+
+@torch.no_grad()
+def sample_long(model, ids_per_window: list[torch.Tensor], n_latent: int, context: int, x=None, generator=None,
+                turn_context: int = 1, **settings) -> torch.Tensor:
+    """Codes (B, n_latent, h, w): the first window from scratch (or from the given first latent frames x), then
+    windows that keep the last `context` latent frames and add the rest, each with its own prompt ids. A window
+    whose prompt differs from the last one's (a story's next part) keeps only the last `turn_context` latent
+    frames and tells the model the prompt is new: the new prompt then steers the motion while the object stays
+    where it was (on shapes, second-segment accuracy 0.20 -> 0.96 for ar: RESULTS.md)."""
+    codes = model.sample(ids_per_window[0], x=x, generator=generator, **settings)  # (B, t, h, w)
+    w = 1
+    while codes.shape[1] < n_latent:
+        ids = ids_per_window[min(w, len(ids_per_window) - 1)]
+        turn = not torch.equal(ids, ids_per_window[min(w - 1, len(ids_per_window) - 1)])
+        keep = turn_context if turn else context
+        nxt = model.sample(ids, x=codes[:, -keep:], generator=generator, new_prompt=turn, **settings)
+        codes = torch.cat([codes, nxt[:, keep:]], 1)
+        w += 1
+    return codes[:, :n_latent]
 
 
 def slug(text: str) -> str:
     return re.sub(r'[^a-z0-9]+', '_', text.lower()).strip('_')[:60] or 'prompt'
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--ckpt', default='out/prior/ckpt.pt', help='a prior checkpoint written by train.py --model=prior')
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--ckpt', default='out/prior/ckpt.pt', help='a generator checkpoint written by train.py')
     p.add_argument('--prompt', action='append', default=[], help='a prompt (repeatable)')
     p.add_argument('--prompts', default=None, help='a file with one prompt per line')
     p.add_argument('--story', default=None, help="prompts for consecutive windows, separated by '|' (needs --frames)")
     p.add_argument('--image', default=None, help='an image file used as the first frame (image to video)')
     p.add_argument('--num_samples', type=int, default=4, help='samples per prompt')
     p.add_argument('--frames', type=int, default=None, help='frames per video, 1 + 4k (default: the training clip)')
-    p.add_argument('--context', type=int, default=None, help='latent frames kept between windows (default half a window)')
+    p.add_argument('--context', type=int, default=None, help='latent frames kept between windows (default: half)')
     p.add_argument('--turn_context', type=int, default=1,
                    help="latent frames kept where a story's prompt changes (fewer let the new prompt steer)")
-    p.add_argument('--cfg', type=float, default=None, help="classifier-free guidance scale, 1 = none (default: the mode's)")
-    p.add_argument('--temperature', type=float, default=None,
-                   help="sampling temperature, 0 = greedy (default: the mode's, prior.SAMPLING)")
-    p.add_argument('--top_k', type=int, default=None, help='ar: sample among the k most likely tokens')
-    p.add_argument('--top_p', type=float, default=None, help='ar: nucleus sampling mass')
-    p.add_argument('--steps', type=int, default=12, help='mask: parallel decoding steps')
-    p.add_argument('--first_steps', type=int, default=None,
-                   help='mask: steps that draw the first latent frame alone before the rest (default a third; 0 = all at once)')
-    p.add_argument('--refine_steps', type=int, default=None,
-                   help="mask: steps after --steps that redraw the first latent frame from the whole clip (default: the mode's, 2)")
-    p.add_argument('--refine_cfg', type=float, default=None,
-                   help="mask: guidance scale of the redraw steps (default: the mode's, 1 = the conditional model alone)")
-    p.add_argument('--guide_frames', type=int, default=None,
-                   help="ar: guide only the first N latent frames of each window (default: the mode's, 1)")
     p.add_argument('--seed', type=int, default=0, help='seed: the same seed and flags give the same videos')
     p.add_argument('--out', default='samples', help='output directory')
-    p.add_argument('--device', default='cpu', help='cpu, cuda, ...')
     p.add_argument('--no_mp4', action='store_true', help='skip the MP4 files')
-    args = p.parse_args(argv)
+    add_device_flags(p)
+    add_sampling_flags(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
     try:
         run(args)
     except (SampleError, train.TrainError, ValueError) as e:
@@ -132,92 +157,69 @@ def main(argv=None) -> int:
 
 
 def run(args):
-    if not os.path.exists(args.ckpt):
-        raise SampleError(f'no checkpoint at {args.ckpt}; train one with python train.py --model=prior '
-                          f'(after python train.py --model=tokenizer)')
-    model, ckpt = train.load_model(args.ckpt, args.device)
-    if ckpt['model_type'] != 'prior':
-        raise SampleError(f"{args.ckpt} is a {ckpt['model_type']} checkpoint; sample.py needs a prior")
-    tok = load_tokenizer(ckpt, args.device)
+    args.device = train.auto_device(args.device)
+    args.dtype = train.auto_dtype(args.dtype, args.device)
+    model, tok, ckpt = load(args.ckpt, args.device)
+    settings = model.settings(**{k: getattr(args, k) for k in SETTINGS})  # checked, with the defaults filled in
     meta = ckpt['data_meta']
-    t, h, w = model.config.grid
-    ft, fs = tok.config.factors
+    t = model.config.grid[0]
+    ft = tok.config.factors[0]
     frames = args.frames or 1 + ft * (t - 1)
     if frames < 1 or (frames - 1) % ft:
-        raise SampleError(f'--frames must be 1 + {ft}k (e.g. {1 + ft * (t - 1)} or {1 + ft * (2 * t - 1)}), got {frames}')
-    n_latent = 1 + (frames - 1) // ft
+        raise SampleError(f'--frames must be 1 + {ft}k (e.g. {1 + ft * (t - 1)} or {1 + ft * (2 * t - 1)}), '
+                          f'got {frames}')
     context = args.context if args.context is not None else (t + 1) // 2
     if not 1 <= context < t:
         raise SampleError(f'--context must be between 1 and {t - 1} latent frames, got {context}')
     if not 1 <= args.turn_context < t:
         raise SampleError(f'--turn_context must be between 1 and {t - 1} latent frames, got {args.turn_context}')
-    prompts = list(args.prompt)
+    prompts = [(p, [p]) for p in args.prompt]
     if args.prompts:
         with open(args.prompts) as f:
-            prompts += [ln.strip() for ln in f if ln.strip()]
-    story = [s.strip() for s in args.story.split('|')] if args.story else None
-    if story:
-        prompts.append(' | '.join(story))
+            prompts += [(ln.strip(), [ln.strip()]) for ln in f if ln.strip()]
+    if args.story:
+        parts = [s.strip() for s in args.story.split('|')]
+        prompts.append((' | '.join(parts), parts))
     if not prompts:
         raise SampleError('give --prompt, --prompts or --story')
-    prefix = None
-    if args.image:
-        img = np.asarray(iio.imread(args.image))[..., :3]
-        res = ckpt['data_key']['resolution']
-        img = prepare_data.resize_crop(img[None], res)  # (1, res, res, 3)
-        prefix = tok.encode(prepare_data.to_model(img[None])[:, :, 0].to(args.device))  # (1, 1, h, w)
+    x = None
+    if args.image:  # image to video: the image's codes are the first latent frame, kept
+        img = np.asarray(iio.imread(args.image))[None, ..., :3]
+        img = prepare_data.resize_crop(img, ckpt['data_key']['resolution'])  # (1, res, res, 3)
+        x = tok.encode(prepare_data.to_model(img[None])[:, :, 0].to(args.device))  # (1, 1, h, w)
+    record = dict(settings, frames=frames, context=context, turn_context=args.turn_context, ckpt=args.ckpt,
+                  image=args.image, dtype=args.dtype)
+    n_latent = 1 + (frames - 1) // ft
     os.makedirs(args.out, exist_ok=True)
-    if args.guide_frames is not None and model.config.mode != 'ar':
-        raise SampleError('--guide_frames is for ar priors; a mask prior guides every decoding step')
-    if args.first_steps is not None and model.config.mode != 'mask':
-        raise SampleError('--first_steps is for mask priors; an ar prior draws the first latent frame first anyway')
-    if args.refine_steps is not None and model.config.mode != 'mask':
-        raise SampleError('--refine_steps is for mask priors')
-    if args.refine_cfg is not None and model.config.mode != 'mask':
-        raise SampleError('--refine_cfg is for mask priors')
-    if model.config.mode == 'mask':  # record the value used, not None
-        args.first_steps = prior_lib.mask_first_steps(args.steps, args.first_steps)
-    for k, v in prior_lib.SAMPLING[model.config.mode].items():  # record the values used, not None
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if model.config.mode == 'mask' and prefix is not None:  # a given first frame is kept, never redrawn
-        args.refine_steps = 0
-    settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
-                    guide_frames=args.guide_frames, first_steps=args.first_steps, refine_steps=args.refine_steps,
-                    refine_cfg=args.refine_cfg, frames=frames, context=context, turn_context=args.turn_context,
-                    mode=model.config.mode, ckpt=args.ckpt, image=args.image)
     with open(os.path.join(args.out, 'samples.jsonl'), 'a') as manifest:
-        for pi, prompt in enumerate(prompts):
-            write_prompt(args, model, tok, meta, pi, prompt, story if (story and pi == len(prompts) - 1) else [prompt],
-                         prefix, n_latent, context, settings, manifest)
+        for i, (prompt, parts) in enumerate(prompts):
+            windows = story_windows(parts, windows_needed(n_latent, t, context))
+            ids = [encode_prompts([s], meta).repeat(args.num_samples, 1).to(args.device) for s in windows]
+            g = torch.Generator(device=args.device).manual_seed(args.seed + i)
+            t0 = time.time()
+            with train.autocast(args.device, args.dtype):
+                given = None if x is None else x.repeat(args.num_samples, 1, 1, 1)
+                codes = sample_long(model, ids, n_latent, context, given, generator=g,
+                                    turn_context=args.turn_context, **settings)
+                videos = prepare_data.to_uint8(tok.decode(codes))  # (n, T, H, W, 3)
+            dt = (time.time() - t0) / args.num_samples
+            write(args, videos, prompt, meta['fps'], [dict(prompt=prompt, windows=windows, seed=args.seed + i, index=k,
+                                                           **record) for k in range(len(videos))], manifest)
+            print(f'{prompt!r}: {args.num_samples} videos of {videos.shape[1]} frames, {dt:.2f} s per video '
+                  f'-> {args.out}/{slug(prompt)}_*')
 
 
-def write_prompt(args, model, tok, meta, pi, prompt, parts, prefix, n_latent, context, settings, manifest):
-    """Generate --num_samples videos for one prompt (or story) and write them."""
-    t = model.config.grid[0]
-    n_win = windows_needed(n_latent, t, context)
-    per_window = story_windows(parts, n_win)
-    ids = [encode_prompts([s], {**meta['text'], 'text_len': meta['text_len']}).repeat(args.num_samples, 1).to(args.device)
-           for s in per_window]
-    g = torch.Generator(device=args.device).manual_seed(args.seed + pi)
-    t0 = time.time()
-    codes = generate_codes(model, ids, n_latent, context, None if prefix is None else prefix.repeat(args.num_samples, 1, 1, 1),
-                           generator=g, turn_context=args.turn_context, cfg=args.cfg, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, steps=args.steps, guide_frames=args.guide_frames,
-                           first_steps=args.first_steps, refine_steps=args.refine_steps, refine_cfg=args.refine_cfg)
-    videos = prepare_data.to_uint8(tok.decode(codes))  # (n, T, H, W, 3)
-    dt = (time.time() - t0) / args.num_samples
+def write(args, videos: np.ndarray, prompt: str, fps: float, records: list[dict], manifest) -> None:
+    """Each video as .npy, .gif (and .mp4), a contact sheet of them all, and a line per video in the manifest."""
     name = slug(prompt)
-    for k, v in enumerate(videos):
+    for k, (v, rec) in enumerate(zip(videos, records)):
         base = os.path.join(args.out, f'{name}_{k}')
         np.save(base + '.npy', v)
-        prepare_data.write_video(base + '.gif', v, meta['fps'], scale=4)
+        prepare_data.write_video(base + '.gif', v, fps, scale=4)
         if not args.no_mp4:
-            prepare_data.write_video(base + '.mp4', v, meta['fps'], scale=4)
-        manifest.write(json.dumps(dict(file=base + '.npy', prompt=prompt, windows=per_window, seed=args.seed + pi,
-                                       index=k, **settings)) + '\n')
+            prepare_data.write_video(base + '.mp4', v, fps, scale=4)
+        manifest.write(json.dumps(dict(file=base + '.npy', **rec)) + '\n')
     iio.imwrite(os.path.join(args.out, f'{name}.png'), prepare_data.contact_sheet(videos))
-    print(f'{prompt!r}: {args.num_samples} videos of {videos.shape[1]} frames, {dt:.2f} s per video -> {args.out}/{name}_*')
 
 
 if __name__ == '__main__':

@@ -290,8 +290,8 @@ class TokenizerConfig:
     attn: bool = False  # spatial + causal temporal attention at the bottleneck
     n_head: int = 4  # attention heads
     quantizer: str = 'fsq'  # fsq or lfq
-    levels: tuple = (4, 4, 4, 4)  # FSQ levels per latent channel; the codebook size is their product (256: priors
-    # learn these codes faster than 8,5,5,5's 1000, which reconstruct about as well: RESULTS.md)
+    levels: tuple = (4, 4, 4, 4)  # FSQ levels per latent channel; the codebook size is their product (priors learn
+    #                               256 codes faster than 8,5,5,5's 1000, which reconstruct as well: RESULTS.md)
     lfq_dim: int = 10  # LFQ bits per code; the codebook size is 2 ** lfq_dim
     entropy_weight: float = 0.1  # LFQ entropy penalty
     commit_weight: float = 0.25  # LFQ commitment loss
@@ -303,6 +303,14 @@ class TokenizerConfig:
     r1_weight: float = 0.1  # zero-centred gradient penalty on real clips
     lecam_weight: float = 0.001  # LeCAM regularisation of the discriminator
     lecam_decay: float = 0.99  # EMA decay of the discriminator outputs that LeCAM anchors to
+    # the training recipe (train.py's defaults for a tokenizer; a resumed run may change all but the optimizer)
+    optimizer: str = 'adamw'  # adamw (the only choice: Muon's orthogonal steps are for the prior's matrices)
+    lr: float = 1e-3  # peak learning rate (2e-3 collapsed the codebook once: RESULTS.md)
+    weight_decay: float = 0.0  # on convolution and linear weights
+    betas: tuple = (0.9, 0.99)  # AdamW's betas
+    batch_size: int = 8  # clips per micro-step per process
+    max_iters: int = 4000  # optimizer steps in total (pipeline.sh trains 2000)
+    ema: float = 0.0  # decay of a weight copy that evaluation and sampling use (0 = none)
 
     @property
     def latent_dim(self) -> int:
@@ -315,6 +323,9 @@ class TokenizerConfig:
 
 
 class Tokenizer(nn.Module):
+    reads = 'pixels'  # forward's x: clips (B, 3, T, H, W) in [-1, 1]
+    kind = 'codec'  # sample() reconstructs the clip it is given; encode/decode turn clips into codes and back
+
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         c = config
@@ -329,6 +340,8 @@ class Tokenizer(nn.Module):
             raise ValueError(f'FSQ levels must be integers >= 2, got {c.levels}')
         if c.attn and (c.channels * c.ch_mult[-1]) % c.n_head:
             raise ValueError(f'the bottleneck width {c.channels * c.ch_mult[-1]} must divide by n_head {c.n_head}')
+        if c.optimizer != 'adamw':
+            raise ValueError(f"the tokenizer trains with optimizer 'adamw' (Muon is for the prior), got {c.optimizer!r}")
         self.config = c
         self.encoder, self.decoder = Encoder(c), Decoder(c)
         self.quant = FSQ(c.levels) if c.quantizer == 'fsq' else LFQ(c.lfq_dim, c.entropy_weight, c.commit_weight)
@@ -336,6 +349,7 @@ class Tokenizer(nn.Module):
         self.disc = Discriminator(c.disc_channels) if c.gan_weight > 0 else None
         if self.disc is not None:
             self.register_buffer('lecam_ema', torch.zeros(2))  # running means of D(real), D(fake)
+        self.last_losses = {}  # parts of the loss for train.py's log
         self.apply(self._init_weights)
 
     @staticmethod
@@ -345,10 +359,20 @@ class Tokenizer(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, use_ema: bool = True) -> 'Tokenizer':
+        """The tokenizer a train.py checkpoint holds (or the 'tokenizer' entry of a prior's), with its EMA
+        weights where the run kept them."""
+        model = cls(TokenizerConfig(**ckpt['config']))
+        model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model'])
+        return model
+
     @torch.no_grad()
-    def init_from_data(self, x):
-        """Start the decoder's output at the data's mean colour: Adam moves a bias by about lr per step,
-        so learning the background of a mostly black (or grey) dataset would otherwise take hundreds of steps."""
+    def init_from_data(self, x, text=None):
+        """Check that clips of the data fit, and start the decoder's output at their mean colour: Adam moves a
+        bias by about lr per step, so learning the background of a mostly black (or grey) dataset would
+        otherwise take hundreds of steps."""
+        self.check_input(x)
         mean = x.float().mean(dim=tuple(d for d in range(x.ndim) if d != 1))  # (3,)
         self.decoder.conv_out.conv.bias.copy_(mean.repeat_interleave(self.config.patch_size ** 2))
 
@@ -369,9 +393,9 @@ class Tokenizer(nn.Module):
         """-> (quantized latents (B, d, t, h, w), codes (B, t, h, w), auxiliary loss)."""
         return self.quant(z)
 
-    def forward(self, x, step: int | None = None):
-        """Reconstruct x; the loss is reconstruction (+ quantizer terms, + GAN terms when training with
-        step >= the starts). Returns (reconstruction, loss)."""
+    def forward(self, x, text=None, step: int = 0):
+        """Reconstruct x (B, 3, T, H, W) or (B, 3, H, W); the loss is reconstruction (+ quantizer terms, + GAN
+        terms when training with step >= the starts). text is not read. Returns (reconstruction, loss)."""
         image = x.ndim == 4
         if image:
             x = x.unsqueeze(2)  # (B, 3, 1, H, W): an image is a one-frame video
@@ -383,7 +407,7 @@ class Tokenizer(nn.Module):
         # parts of the loss for the log; kept undetached: under torch.compile, storing a detached copy on
         # the module made the returned loss lose its gradient (torch 2.13)
         self.last_losses = {'rec': rec_loss}
-        if self.disc is not None and step is not None and torch.is_grad_enabled():
+        if self.disc is not None and torch.is_grad_enabled():
             loss = loss + self.gan_losses(x, rec, rec_loss, step)
         return (rec.squeeze(2) if image else rec), loss
 
@@ -416,15 +440,21 @@ class Tokenizer(nn.Module):
             self.last_losses['d'] = d_loss
         return loss
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str,
-                             disc_lr_mult: float = 1.0):
-        """AdamW; weight decay on conv/linear weights only; the discriminator in its own group."""
+    def configure_optimizers(self, device_type: str) -> list:
+        """[AdamW]; weight decay on conv/linear weights only; the discriminator in its own group."""
+        c = self.config
         gen = [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith('disc.')]
-        groups = [{'params': [p for n, p in gen if p.dim() >= 2], 'weight_decay': weight_decay},
+        groups = [{'params': [p for n, p in gen if p.dim() >= 2], 'weight_decay': c.weight_decay},
                   {'params': [p for n, p in gen if p.dim() < 2], 'weight_decay': 0.0}]
         if self.disc is not None:
-            groups.append({'params': list(self.disc.parameters()), 'weight_decay': 0.0, 'lr_mult': disc_lr_mult})
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+            groups.append({'params': list(self.disc.parameters()), 'weight_decay': 0.0})
+        return [torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=device_type == 'cuda')]
+
+    @torch.no_grad()
+    def sample(self, text, x, generator=None):
+        """The reconstruction of x (B, 3, T, H, W) in [-1, 1] through the codes: what the tokenizer keeps of a
+        clip. text and generator are not read (the tokenizer is deterministic)."""
+        return self.decode(self.encode(x)).view_as(x)
 
     @torch.no_grad()
     def encode(self, x):

@@ -1,12 +1,22 @@
 """
 One training loop for every model, nanoGPT style.
 
-    python train.py --model=tokenizer                                # single process, CPU or GPU
+    python train.py --model=tokenizer                                     # single process, CPU or GPU
+    python train.py --model=prior --mode=mask --tokenizer out/tokenizer/ckpt.pt
     torchrun --standalone --nproc_per_node=2 train.py --model=tokenizer   # DDP (Gloo on CPU, NCCL on GPU)
 
-Flags named like a model's config fields (`--channels`, `--levels 8,5,5,5`) set that field; run
-`python train.py --model=tokenizer --help` for the list. Every step's randomness is a function of
-(seed, rank, step), so `--resume` continues exactly where a run stopped.
+Flags named like a model's config fields (`--channels`, `--levels 8,5,5,5`, `--lr`) set that field, and the
+config's defaults are the model's CPU recipe: `python train.py --model=prior --help` lists them. Every model
+file has the same small interface, so a new model is a row in MODELS:
+    XConfig                  a dataclass: the architecture, then the recipe (optimizer, lr, batch_size, max_iters, ema)
+    X.reads                  'pixels' (clips) or 'codes' (a frozen tokenizer's, encoded once and cached here)
+    X.kind                   'codec' (sample reconstructs x) or 'generator' (sample makes videos from text)
+    X.from_checkpoint(ckpt)  the trained model, with any backward compatibility it needs
+    init_from_data(x, text)  checks that a batch of the data fits, and any data-dependent start
+    forward(x, text, step)   -> (out, loss); the model draws its own masks, noise or dropout
+    configure_optimizers(device_type) -> [optimizers]
+    sample(text, x, generator, **settings)
+Every step's randomness is a function of (seed, rank, step), so --resume continues exactly where a run stopped.
 """
 import argparse
 import copy
@@ -30,25 +40,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
-import prior as prior_lib
-import tokenizer as tokenizer_lib
+import prior
+import tokenizer
 
 MODELS = {  # --model -> (config class, model class)
-    'tokenizer': (tokenizer_lib.TokenizerConfig, tokenizer_lib.Tokenizer),
-    'prior': (prior_lib.PriorConfig, prior_lib.Prior),
+    'tokenizer': (tokenizer.TokenizerConfig, tokenizer.Tokenizer),
+    'prior': (prior.PriorConfig, prior.Prior),
 }
-DEFAULTS = {  # per-model defaults of the training flags: the small CPU run
-    'tokenizer': dict(batch_size=8, lr=1e-3, max_iters=4000, warmup_iters=100, weight_decay=0.0, eval_interval=500, ema=0.0,
-                      optimizer='adamw'),
-    # both priors: Muon, a high lr and a short EMA copy (sampled from) fit them in 2500 steps. On the pipeline
-    # the masked prior's all-four went 0.479 -> 0.974 with Muon and image training (4500 steps); in 2500 steps at
-    # lr 6e-3 an EMA of 0.99 scored 0.927 against 0.906 raw and 0.776 with 0.998, which lags so short a run; ar
-    # scored 0.974 (1 % invalid) against 0.910 (5.1 %) for 4000 AdamW steps at 2e-3 (eval.py; RESULTS.md)
-    'prior': dict(batch_size=8, lr=6e-3, max_iters=2500, warmup_iters=100, weight_decay=0.1, eval_interval=500, ema=0.99,
-                  optimizer='muon'),
-}
-DERIVED = {  # config fields that follow from the data and the tokenizer, not from flags
-    'prior': ('vocab_size', 'text_vocab', 'text_len', 'pad_id', 'grid'),
+DATA_FIELDS = ('vocab_size', 'grid', 'text_vocab', 'text_len', 'pad_id')  # config fields set from the data, not flags
+RESUMABLE = ('lr', 'batch_size', 'max_iters', 'ema')  # config fields that a resumed run may change
+RETIRED = {  # flags that README versions documented, and what replaced them
+    '--first_prob': '--image_share (a mask prior now trains the first latent frame as an image)',
+    '--beta1': '--betas B1,B2', '--beta2': '--betas B1,B2',
 }
 
 
@@ -56,44 +59,21 @@ class TrainError(Exception):
     """A bad flag, checkpoint or dataset: printed as one line, exit code 2."""
 
 
-class Optimizers:
-    """One optimizer, or several over disjoint parameters (AdamW + Muon), stepped, saved and loaded as one. The
-    state dict of a single optimizer is its own, so checkpoints of AdamW runs load as before."""
-    def __init__(self, optimizers):
-        self.optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
-
-    @property
-    def param_groups(self):  # read each time: load_state_dict replaces an optimizer's groups
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    def step(self):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none: bool = True):
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        states = [o.state_dict() for o in self.optimizers]
-        return states[0] if len(states) == 1 else {'optimizers': states}
-
-    def load_state_dict(self, state):
-        states = state['optimizers'] if len(self.optimizers) > 1 else [state]
-        for o, s in zip(self.optimizers, states, strict=True):
-            o.load_state_dict(s)
-
-
 # -----------------------------------------------------------------------------
 # flags
 
 def field_help(cls) -> dict[str, str]:
-    """The trailing comment of each dataclass field, used as its --help."""
-    helps = {}
+    """The trailing comment of each dataclass field (and its indented continuation lines), used as its --help."""
+    helps, last = {}, None
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r'\s+(\w+): [^=]+=.*?#\s*(.*)$', line)
-        if m:
-            helps[m.group(1)] = m.group(2)
+        field, more = re.match(r'\s+(\w+): [^=]+=.*?#\s*(.*)$', line), re.match(r'\s+#\s{2,}(.*)$', line)
+        if field:
+            last = field.group(1)
+            helps[last] = field.group(2)
+        elif more and last:
+            helps[last] += ' ' + more.group(1)
+        else:
+            last = None
     return helps
 
 
@@ -107,14 +87,14 @@ def parse_tuple(kind):
 
 
 def add_config_flags(p: argparse.ArgumentParser, cfg_cls, skip=()) -> None:
-    """A flag per config field, named like it; default None means 'the config default'."""
-    g = p.add_argument_group(f'{cfg_cls.__name__} fields (default: the config default)')
+    """A flag per config field, named like it; a flag not given is not in args (the config default holds)."""
+    g = p.add_argument_group(f"{cfg_cls.__name__}'s fields: the architecture, then the training recipe")
     helps = field_help(cfg_cls)
     for f in dataclasses.fields(cfg_cls):
         if f.name in skip:
             continue
         kind, default = type(f.default), f.default
-        kw = dict(default=None, help=f'{helps.get(f.name, f.name)} (default {default})')
+        kw = dict(default=argparse.SUPPRESS, help=f'{helps.get(f.name, f.name)} (default: {default})')
         if kind is bool:
             g.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, **kw)
         elif kind is tuple:
@@ -124,97 +104,70 @@ def add_config_flags(p: argparse.ArgumentParser, cfg_cls, skip=()) -> None:
 
 
 def config_overrides(args, cfg_cls) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg_cls) if getattr(args, f.name, None) is not None}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg_cls)
+            if getattr(args, f.name, None) is not None}
+
+
+def refuse_retired(p: argparse.ArgumentParser, argv) -> None:
+    for a in argv:
+        if a.split('=')[0] in RETIRED:
+            p.error(f"{a.split('=')[0]} was removed; use {RETIRED[a.split('=')[0]]}")
 
 
 def get_args(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument('--model', default='tokenizer', choices=list(MODELS))
-    model_name = pre.parse_known_args(argv)[0].model
-    d = DEFAULTS[model_name]
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument('--model', default='tokenizer', choices=list(MODELS), help='which model to train')
-    p.add_argument('--data', default='data/shapes', help='dataset directory written by prepare_data.py')
-    p.add_argument('--out_dir', default=None, help='where checkpoints, logs and samples go (default out/<model>)')
-    p.add_argument('--resolution', type=int, default=32, help='train at this square size (area-downsampled); 0 = the data size')
-    p.add_argument('--resume', action=argparse.BooleanOptionalAction, default=False, help='continue from <out_dir>/ckpt.pt')
-    p.add_argument('--tokenizer', default='out/tokenizer/ckpt.pt', help='prior: the tokenizer checkpoint whose codes it models')
-    p.add_argument('--max_iters', type=int, default=d['max_iters'], help='optimizer steps in total')
-    p.add_argument('--batch_size', type=int, default=d['batch_size'], help='clips per micro-step per process')
-    p.add_argument('--grad_accum', type=int, default=1, help='micro-steps per optimizer step')
-    p.add_argument('--lr', type=float, default=d['lr'], help='peak learning rate')
-    p.add_argument('--min_lr', type=float, default=None, help='learning rate at the end of the cosine (default lr / 10)')
-    p.add_argument('--warmup_iters', type=int, default=d['warmup_iters'], help='linear warmup steps')
-    p.add_argument('--lr_decay_iters', type=int, default=None, help='cosine decay length (default max_iters)')
-    p.add_argument('--weight_decay', type=float, default=d['weight_decay'], help='AdamW weight decay')
-    p.add_argument('--optimizer', default=d['optimizer'], choices=['adamw', 'muon'],
-                   help="muon (prior only): Muon for the transformer blocks' matrices, AdamW for the rest")
-    p.add_argument('--beta1', type=float, default=0.9, help='AdamW beta1')
-    p.add_argument('--beta2', type=float, default=0.99, help='AdamW beta2')
-    p.add_argument('--grad_clip', type=float, default=1.0, help='clip the gradient norm to this (0 = off)')
-    p.add_argument('--ema', type=float, default=d['ema'], help='EMA decay of a weight copy used to evaluate and sample (0 = off)')
-    p.add_argument('--device', default='auto', help='auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps')
-    p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
-                   help='autocast dtype; auto = bfloat16 where the hardware has it (CUDA, CPUs with AVX-512 BF16 or AMX), '
-                        'else float16 on CUDA and float32 on other CPUs')
-    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile (default on CUDA only)')
-    p.add_argument('--seed', type=int, default=1337, help='seed; each step draws from (seed, rank, step)')
-    p.add_argument('--log_interval', type=int, default=50, help='steps between log lines')
-    p.add_argument('--eval_interval', type=int, default=d['eval_interval'], help='steps between validation, samples and checkpoints')
-    p.add_argument('--eval_iters', type=int, default=8, help='batches per validation estimate')
-    cfg_cls = MODELS[model_name][0]
-    add_config_flags(p, cfg_cls, skip=DERIVED.get(model_name, ()))
+    cfg_cls = MODELS[pre.parse_known_args(argv)[0].model][0]
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add, on_off = p.add_argument, argparse.BooleanOptionalAction
+    add('--model', default='tokenizer', choices=list(MODELS), help='which model to train')
+    add('--data', default='data/shapes', help='dataset directory written by prepare_data.py')
+    add('--out_dir', default=None, help='where checkpoints, logs and samples go (default out/<model>)')
+    add('--resolution', type=int, default=32, help='train at this square size (area-downsampled); 0 = the data size')
+    add('--resume', action=on_off, default=False, help='continue from <out_dir>/ckpt.pt')
+    add('--tokenizer', default='out/tokenizer/ckpt.pt', help='a model that reads codes: the tokenizer checkpoint')
+    add('--grad_accum', type=int, default=1, help='micro-steps per optimizer step')
+    add('--min_lr', type=float, default=None, help='learning rate at the end of the cosine (default lr / 10)')
+    add('--warmup_iters', type=int, default=100, help='linear warmup steps')
+    add('--lr_decay_iters', type=int, default=None, help='cosine decay length (default max_iters)')
+    add('--grad_clip', type=float, default=1.0, help='clip the gradient norm to this (0 = off)')
+    add('--device', default='auto', help='auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps')
+    add('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
+        help='autocast dtype; auto = bfloat16 where the hardware has it (CUDA, CPUs with AVX-512 BF16 or AMX), '
+             'else float16 on CUDA and float32 on other CPUs')
+    add('--compile', action=on_off, default=None, help='torch.compile (default on CUDA only)')
+    add('--seed', type=int, default=1337, help='seed; each step draws from (seed, rank, step)')
+    add('--log_interval', type=int, default=50, help='steps between log lines')
+    add('--eval_interval', type=int, default=500, help='steps between validation, samples and checkpoints')
+    add('--eval_iters', type=int, default=8, help='batches per validation estimate')
+    add_config_flags(p, cfg_cls, skip=DATA_FIELDS)
+    refuse_retired(p, argv)
     args = p.parse_args(argv)
-    overrides = config_overrides(args, cfg_cls)
-    return args, overrides
+    return args, config_overrides(args, cfg_cls)
 
 
-def check_args(args):
-    for name in ('max_iters', 'batch_size', 'grad_accum', 'log_interval', 'eval_interval', 'eval_iters'):
-        if getattr(args, name) < 1:
-            raise TrainError(f'--{name} must be at least 1, got {getattr(args, name)}')
-    if args.lr <= 0:
-        raise TrainError(f'--lr must be positive, got {args.lr}')
-    if not 0 <= args.ema < 1:
-        raise TrainError(f'--ema must be in [0, 1), got {args.ema}')
+def check_args(args, config) -> None:
+    for name, value in (('max_iters', config.max_iters), ('batch_size', config.batch_size), *(
+            (k, getattr(args, k)) for k in ('grad_accum', 'log_interval', 'eval_interval', 'eval_iters'))):
+        if value < 1:
+            raise TrainError(f'--{name} must be at least 1, got {value}')
+    if config.lr <= 0:
+        raise TrainError(f'--lr must be positive, got {config.lr}')
+    if not 0 <= config.ema < 1:
+        raise TrainError(f'--ema must be in [0, 1), got {config.ema}')
     if args.resolution < 0:
         raise TrainError(f'--resolution must be 0 (the data size) or positive, got {args.resolution}')
-    if args.optimizer == 'muon' and args.model != 'prior':
-        raise TrainError(f'--optimizer muon is for the prior (its transformer matrices); train the {args.model} with adamw')
-    if args.optimizer == 'muon' and not hasattr(torch.optim, 'Muon'):
-        raise TrainError(f'--optimizer muon (the prior\'s default) needs torch >= 2.9 for torch.optim.Muon; this is torch '
-                         f'{torch.__version__}: upgrade torch (pip install -r requirements.txt) or pass --optimizer adamw')
 
 
 # -----------------------------------------------------------------------------
-# the run
+# device and dtype (sample.py, eval.py and bench.py use these too)
 
-def get_lr(it: int, args) -> float:
-    """Linear warmup, then cosine decay from lr to min_lr over lr_decay_iters."""
-    if it < args.warmup_iters:
-        return args.lr * (it + 1) / (args.warmup_iters + 1)
-    if it >= args.lr_decay_iters:
-        return args.min_lr
-    ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
-    return args.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
-
-
-def seed_of(*parts) -> int:
-    """A seed that is a pure function of its parts (Python's hash() of strings differs between processes)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], 'little') >> 1
-
-
-def data_key(meta: dict, args) -> dict:
-    """What a checkpoint's model depends on in its data: a resumed run must match it."""
-    return dict(frames=meta['frames'], resolution=args.resolution or meta['size'],
-                text=(meta['text']['name'], meta['text']['vocab_size'], meta['text_len']))
-
-
-def save_checkpoint(path: str, ckpt: dict) -> None:
-    """Write to a temporary file, then rename: a kill mid-save never destroys the last good checkpoint."""
-    tmp = path + '.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+def auto_device(device: str) -> str:
+    if device != 'auto':
+        return device
+    return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 
 
 def cpu_has_bf16() -> bool:
@@ -224,64 +177,81 @@ def cpu_has_bf16() -> bool:
     return any(getattr(cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
 
 
-def auto_dtype(device_type: str) -> str:
+def auto_dtype(dtype: str, device: str) -> str:
     """--dtype auto: bfloat16 where it is native (CUDA that has it, or a CPU with AVX-512 BF16 or AMX), else
     float16 on CUDA and float32 elsewhere."""
+    if dtype != 'auto':
+        return dtype
+    device_type = device.split(':')[0]
     if (device_type == 'cpu' and cpu_has_bf16()) or (device_type == 'cuda' and torch.cuda.is_bf16_supported()):
         return 'bfloat16'
     return 'float16' if device_type == 'cuda' else 'float32'
 
 
-def load_checkpoint(path: str) -> dict:
+def autocast(device: str, dtype: str):
+    """The autocast context of a --dtype, nothing for float32."""
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.autocast(device.split(':')[0], dtype={'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype])
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def read_checkpoint(path: str, hint: str = 'train one with python train.py') -> dict:
+    """A checkpoint dict, or a TrainError that says what to do (hint: if there is none). Checkpoints written
+    before the training recipe moved into the config keep it in their args, from where it is read back."""
     if not os.path.exists(path):
-        raise TrainError(f'no checkpoint at {path}; train one with python train.py --model=... --out_dir '
-                         f'{os.path.dirname(path) or "."} (or drop --resume to start from scratch)')
+        raise TrainError(f'no checkpoint at {path}; {hint}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise TrainError(f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})') from None
-    if ckpt.get('model_type') == 'prior':  # priors saved before rotary positions, prefix or image training had none
-        ckpt['config'].setdefault('rope', False)
-        ckpt['config'].setdefault('prefix_prob', 0.0)
-        ckpt['config'].setdefault('first_prob', 0.0)
-        ckpt['config'].setdefault('image_share', 0.0)
+    if not isinstance(ckpt, dict) or ckpt.get('model_type') not in MODELS:
+        raise TrainError(f'{path} holds no model this repo knows '
+                         f'(model_type {ckpt.get("model_type") if isinstance(ckpt, dict) else None!r})')
+    old = ckpt.get('args', {})
+    for k in ('optimizer', 'lr', 'weight_decay', 'batch_size', 'max_iters', 'ema'):
+        if k in old:
+            ckpt['config'].setdefault(k, old[k])
+    if 'beta1' in old:
+        ckpt['config'].setdefault('betas', (old['beta1'], old['beta2']))
     return ckpt
 
 
-def load_model(path: str, device: str = 'cpu', use_ema: bool = True):
-    """A trained model from its checkpoint (EMA weights when the run kept them), in eval mode, and the checkpoint."""
-    ckpt = load_checkpoint(path)
-    name = ckpt.get('model_type')
-    if name not in MODELS:
-        raise TrainError(f'{path} holds no model this repo knows (model_type {name!r})')
-    cfg_cls, model_cls = MODELS[name]
-    model = model_cls(cfg_cls(**ckpt['config']))
-    model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model'])
-    return model.to(device).eval(), ckpt
+def load_model(ckpt: dict, device: str, use_ema: bool = True):
+    """The trained model of a checkpoint dict, in eval mode on device."""
+    return MODELS[ckpt['model_type']][1].from_checkpoint(ckpt, use_ema).to(device).eval()
 
 
-def loss_of(model, name: str, x, ids, step):
-    """The one place that knows how each model is fed."""
-    if name == 'tokenizer':
-        return model(x, step=step)[1]
-    if name == 'prior':  # x holds tokenizer codes (B, t, h, w)
-        return model(ids, x)[1]
-    raise AssertionError(name)
+def save_checkpoint(path: str, ckpt: dict) -> None:
+    """Write to a temporary file, then rename: a kill mid-save never destroys the last good checkpoint."""
+    tmp = path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
 
 
-@torch.no_grad()
-def visualize(model, name: str, x, ids, path: str, fps: float, tok=None):
-    """Write what a person should look at: tokenizer reconstructions under their originals, or the prior's
-    samples for validation captions under the clips they came from."""
-    if name == 'tokenizer':
-        rec = model.decode(model.encode(x))
-    else:
-        rec = tok.decode(model.generate(ids, generator=torch.Generator(device=ids.device).manual_seed(0)))
-        x = tok.decode(x)
-    videos = prepare_data.to_uint8(torch.cat([x, rec]))
-    n = len(x)
-    iio.imwrite(path + '.png', prepare_data.contact_sheet(videos[[i // 2 + (i % 2) * n for i in range(2 * n)]]))
-    prepare_data.write_video(path + '.gif', videos[n], fps, scale=4)
+def data_key(meta: dict, res: int) -> dict:
+    """What a checkpoint's model depends on in its data: a resumed run must match it."""
+    return dict(frames=meta['frames'], resolution=res,
+                text=(meta['text']['name'], meta['text']['vocab_size'], meta['text_len']))
+
+
+# -----------------------------------------------------------------------------
+# data: clips, or the codes of a frozen tokenizer, cached next to the data
+
+def load_data(args) -> tuple[dict, int]:
+    try:
+        splits = {s: prepare_data.load_split(args.data, s) for s in ('train', 'val')}
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainError(str(e)) from None
+    meta = splits['train']['meta']
+    res = args.resolution or meta['size']
+    if meta['size'] % res:
+        raise TrainError(f"--resolution {res} must divide the data size {meta['size']}")
+    if len(splits['train']['clips']) == 0:
+        raise TrainError(f'{args.data} has an empty train split')
+    return splits, res
 
 
 def tokenizer_key(tok_ckpt: dict) -> str:
@@ -294,253 +264,300 @@ def tokenizer_key(tok_ckpt: dict) -> str:
 
 
 @torch.no_grad()
-def code_split(data: dict, data_dir: str, tok, key: str, res: int, device: str, batch_size: int = 32) -> dict:
-    """The split with its clips replaced by the frozen tokenizer's codes, encoded once and cached next to
-    the data as a uint16 memmap (N, t, h, w) named after the tokenizer, so later runs start at once."""
+def encode_split(data: dict, path: str, tok, res: int, device: str, batch_size: int = 32) -> dict:
+    """The split with the frozen tokenizer's codes of its clips, encoded once into a uint16 memmap (N, t, h, w) at
+    path, so later runs start at once."""
     clips = data['clips']
-    path = os.path.join(data_dir, f"{data['split']}_codes_{key}_{res}.u16")
     ft, fs = tok.config.factors
     shape = (len(clips), 1 + (clips.shape[1] - 1) // ft, res // fs, res // fs)
     if tok.codebook_size > 2 ** 16:
         raise TrainError(f'the tokenizer has {tok.codebook_size} codes; the codes cache holds at most 65536')
     if len(clips) == 0:
-        return dict(data, clips=np.zeros(shape, np.uint16))
+        return dict(data, codes=np.zeros(shape, np.uint16))
     if not os.path.exists(path):
         tmp = f'{path}.tmp-{os.getpid()}'
         mm = np.memmap(tmp, dtype=np.uint16, mode='w+', shape=shape)
-        for i in tqdm(range(0, len(clips), batch_size), desc=f"encode {data['split']}", disable=len(clips) <= batch_size):
+        for i in tqdm(range(0, len(clips), batch_size), desc=f"encode {data['split']}",
+                      disable=len(clips) <= batch_size):
             x, _ = prepare_data.get_batch(data, 0, res, idx=np.arange(i, min(len(clips), i + batch_size)))
             mm[i:i + len(x)] = tok.encode(x.to(device)).cpu().numpy().astype(np.uint16)
         mm.flush()
         del mm
         os.replace(tmp, path)
-    return dict(data, clips=np.memmap(path, dtype=np.uint16, mode='r', shape=shape))
+    return dict(data, codes=np.memmap(path, dtype=np.uint16, mode='r', shape=shape))
+
+
+def encode_splits(args, splits: dict, res: int, device: str, ctx, ddp: bool, master: bool):
+    """The tokenizer of --tokenizer, and the splits with its codes (rank 0 encodes, the others read its cache)."""
+    tok_ckpt = read_checkpoint(args.tokenizer, f'train one with python train.py --model=tokenizer --out_dir '
+                                                   f'{os.path.dirname(args.tokenizer) or "."}')
+    if tok_ckpt['model_type'] != 'tokenizer':
+        raise TrainError(f"--tokenizer {args.tokenizer} is a {tok_ckpt['model_type']} checkpoint, not a tokenizer")
+    meta = splits['train']['meta']
+    if tok_ckpt['data_key']['resolution'] != res or tok_ckpt['data_key']['frames'] != meta['frames']:
+        raise TrainError(f"--tokenizer {args.tokenizer} was trained on {tok_ckpt['data_key']}, not on "
+                         f"{meta['frames']} frames at --resolution {res}")
+    tok = load_model(tok_ckpt, device)
+    key = f'{tokenizer_key(tok_ckpt)}_{args.dtype}'
+    if ddp and not master:
+        dist.barrier()
+    with ctx:
+        splits = {s: encode_split(d, os.path.join(args.data, f'{s}_codes_{key}_{res}.u16'), tok, res, device)
+                  for s, d in splits.items()}
+    if ddp and master:
+        dist.barrier()
+    return tok, splits
+
+
+def read_batch(data: dict, idx, res: int, device: str):
+    """Rows idx of a split: its cached codes (B, t, h, w) when it has them, else clips (B, 3, T, res, res) in
+    [-1, 1]; and their caption ids (B, text_len)."""
+    idx = np.sort(np.asarray(idx))  # sorted reads are sequential on disk
+    if 'codes' in data:
+        x = torch.from_numpy(data['codes'][idx].astype(np.int64))
+    else:
+        x = prepare_data.to_model(data['clips'][idx], res)
+    ids = torch.from_numpy(data['ids'][idx].astype(np.int64))
+    return x.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+
+
+def seed_of(*parts) -> int:
+    """A seed that is a pure function of its parts (Python's hash() of strings differs between processes)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], 'little') >> 1
+
+
+def get_batch(data: dict, seed: tuple, batch_size: int, rank: int, world: int, res: int, device: str):
+    """This rank's share of a global batch drawn from seed: a pure function of it, so a resumed run draws the
+    same clips, and N processes draw what one process with N times the batch would."""
+    g = torch.Generator().manual_seed(seed_of(*seed))
+    idx = torch.randint(len(data['clips']), (batch_size * world,), generator=g)
+    return read_batch(data, idx[rank * batch_size:(rank + 1) * batch_size], res, device)
+
+
+# -----------------------------------------------------------------------------
+# evaluation and what a person looks at
+
+def get_lr(it: int, lr: float, args) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr over lr_decay_iters."""
+    if it < args.warmup_iters:
+        return lr * (it + 1) / (args.warmup_iters + 1)
+    if it >= args.lr_decay_iters:
+        return args.min_lr
+    ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - args.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, splits: dict, args, batch_size: int, res: int, device: str, ctx) -> dict:
+    """The mean loss of args.eval_iters batches of each split, the same batches at every evaluation."""
+    model.eval()
+    out = {}
+    for name, data in splits.items():
+        if len(data['clips']) == 0:
+            continue
+        losses = []
+        for k in range(args.eval_iters):
+            torch.manual_seed(args.seed + k)
+            x, ids = get_batch(data, (args.seed, 'eval', -1, k), batch_size, 0, 1, res, device)
+            with ctx:
+                losses.append(model(x, ids)[1].item())
+        out[name] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def preview(model, tok, x, ids, path: str, fps: float) -> None:
+    """A PNG of clips over what the model makes of them (a reconstruction, or samples for their captions) and a
+    GIF of the first one made."""
+    g = torch.Generator(device=x.device).manual_seed(0)
+    made = model.sample(ids, x=None if model.kind == 'generator' else x, generator=g)
+    if tok is not None:  # codes -> clips
+        made, x = tok.decode(made), tok.decode(x)
+    videos = prepare_data.to_uint8(torch.cat([x, made]))
+    n = len(x)
+    iio.imwrite(path + '.png', prepare_data.contact_sheet(videos[[i // 2 + (i % 2) * n for i in range(2 * n)]]))
+    prepare_data.write_video(path + '.gif', videos[n], fps, scale=4)
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+def build_model(args, overrides: dict, ckpt: dict | None, batch):
+    """The model and its config: from the checkpoint on --resume (refusing changes to anything but RESUMABLE),
+    else from the config defaults and flags, with init_from_data on a batch of the data."""
+    cfg_cls, model_cls = MODELS[args.model]
+    torch.manual_seed(args.seed)  # the initial weights (DDP then broadcasts rank 0's)
+    try:
+        if ckpt is None:
+            model = model_cls(cfg_cls(**overrides))
+            model.init_from_data(*batch)
+            return model
+        changed = {k: v for k, v in overrides.items() if ckpt['config'].get(k) != v and k not in RESUMABLE}
+        if any(k in DATA_FIELDS for k in changed):
+            diff = ', '.join(f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in changed.items())
+            raise TrainError(f'the checkpoint was trained with another tokenizer or text vocabulary ({diff})')
+        if changed:
+            was = ', '.join(f"--{k} {ckpt['config'].get(k)}" for k in changed)
+            raise TrainError(f'--resume keeps the config of the checkpoint, which was trained with {was}; drop '
+                             f'{", ".join("--" + k for k in changed)} or start a new --out_dir')
+        model = model_cls.from_checkpoint(ckpt, use_ema=False)
+        model.config = dataclasses.replace(model.config, **{k: v for k, v in overrides.items() if k in RESUMABLE})
+        return model
+    except ValueError as e:
+        raise TrainError(str(e)) from None
 
 
 def train(args, overrides):
-    check_args(args)
+    check_args(args, MODELS[args.model][0](**overrides))
+    # setup: processes, device, dtype
     ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, world, device = 0, 1, auto_device(args.device)
     if ddp:
         backend = 'nccl' if torch.cuda.is_available() and args.device in ('auto', 'cuda') else 'gloo'
         dist.init_process_group(backend=backend)
-        rank, local_rank, world = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ['LOCAL_RANK'])
         device = f'cuda:{local_rank}' if backend == 'nccl' else 'cpu'
         if backend == 'nccl':
             torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        device = args.device
-        if device == 'auto':
-            device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    master = rank == 0
-    device_type = 'cuda' if device.startswith('cuda') else device
-    if args.dtype == 'auto':
-        args.dtype = auto_dtype(device_type)
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.dtype]
-    ctx = nullcontext() if args.dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+    master, device_type = rank == 0, device.split(':')[0]
+    args.dtype = auto_dtype(args.dtype, device)
+    ctx = autocast(device, args.dtype)
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if args.compile is None:
-        args.compile = device_type == 'cuda'
+    args.compile = device_type == 'cuda' if args.compile is None else args.compile
     if args.compile and device_type == 'cpu' and not any(shutil.which(c) for c in ('g++', 'c++', 'clang++')):
         print('train.py: --compile needs a C++ compiler on CPU (g++ or clang++) and none is installed; '
               'training without it', file=sys.stderr)
         args.compile = False
     args.out_dir = args.out_dir or os.path.join('out', args.model)
-    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    args.lr_decay_iters = args.max_iters if args.lr_decay_iters is None else args.lr_decay_iters
+    ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
 
-    # data
-    try:
-        train_data = prepare_data.load_split(args.data, 'train')
-        val_data = prepare_data.load_split(args.data, 'val')
-    except (FileNotFoundError, ValueError) as e:
-        raise TrainError(str(e)) from None
-    meta = train_data['meta']
-    res = args.resolution or meta['size']
-    if meta['size'] % res:
-        raise TrainError(f"--resolution {res} must divide the data size {meta['size']}")
-    if len(train_data['clips']) == 0:
-        raise TrainError(f'{args.data} has an empty train split')
-
-    # the prior models a frozen tokenizer's codes, encoded once and cached next to the data
+    # data, and for a model that reads codes the tokenizer's, which also set the config's data fields
+    splits, res = load_data(args)
+    meta = splits['train']['meta']
     tok = None
-    if args.model == 'prior':
-        tok, tok_ckpt = load_model(args.tokenizer, device)
-        if tok_ckpt['model_type'] != 'tokenizer':
-            raise TrainError(f"--tokenizer {args.tokenizer} is a {tok_ckpt['model_type']} checkpoint, not a tokenizer")
-        if tok_ckpt['data_key']['resolution'] != res or tok_ckpt['data_key']['frames'] != meta['frames']:
-            raise TrainError(f"--tokenizer {args.tokenizer} was trained on {tok_ckpt['data_key']}, not on "
-                             f"{meta['frames']} frames at --resolution {res}")
-        key = f'{tokenizer_key(tok_ckpt)}_{args.dtype}'
-        if ddp and not master:
-            dist.barrier()  # rank 0 encodes the clips, the others then read its cache
-        with ctx:
-            train_data, val_data = (code_split(d, args.data, tok, key, res, device) for d in (train_data, val_data))
-        if ddp and master:
-            dist.barrier()
-        overrides = dict(overrides, vocab_size=tok.codebook_size, text_vocab=meta['text']['vocab_size'],
-                         text_len=meta['text_len'], pad_id=meta['text']['pad_id'], grid=tuple(train_data['clips'].shape[1:]))
+    if MODELS[args.model][1].reads == 'codes':
+        tok, splits = encode_splits(args, splits, res, device, ctx, ddp, master)
+    facts = dict(text_vocab=meta['text']['vocab_size'], text_len=meta['text_len'], pad_id=meta['text']['pad_id'])
+    if tok is not None:
+        facts.update(vocab_size=tok.codebook_size, grid=tuple(splits['train']['codes'].shape[1:]))
+    fields = {f.name for f in dataclasses.fields(MODELS[args.model][0])}
+    overrides = {**overrides, **{k: v for k, v in facts.items() if k in fields}}
 
     # model, from scratch or from the checkpoint
-    cfg_cls, model_cls = MODELS[args.model]
-    ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    if ckpt is not None:
-        if ckpt.get('model_type') != args.model:
-            raise TrainError(f"{ckpt_path} is a {ckpt.get('model_type')} checkpoint, not a {args.model}; "
-                             'use another --out_dir or --model')
-        if ckpt['data_key'] != data_key(meta, args):
-            raise TrainError(f"{ckpt_path} was trained on data {ckpt['data_key']}, but --data {args.data} "
-                             f'--resolution {res} gives {data_key(meta, args)}')
-        changed = {k: v for k, v in overrides.items() if ckpt['config'].get(k) != v}
-        if any(k in DERIVED.get(args.model, ()) for k in changed):
-            diff = ', '.join(f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in changed.items())
-            raise TrainError(f'{ckpt_path} was trained with another tokenizer or text vocabulary ({diff})')
-        if changed:
-            raise TrainError(f'--resume keeps the model config of the checkpoint; drop {", ".join("--" + k for k in changed)}')
-        config = cfg_cls(**ckpt['config'])
-    else:
-        config = cfg_cls(**overrides)
-    torch.manual_seed(args.seed)  # the initial weights (DDP then broadcasts rank 0's)
-    try:
-        model = model_cls(config)
-        if hasattr(model, 'check_input'):
-            model.check_input(torch.empty(1, 3, meta['frames'], res, res, device='meta'))
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-    elif hasattr(model, 'init_from_data'):  # data-dependent init (DDP then copies rank 0's weights to all)
-        g = torch.Generator().manual_seed(args.seed)
-        model.init_from_data(prepare_data.get_batch(train_data, 64, res, generator=g)[0])
+    hint = f'train one with python train.py --model={args.model} --out_dir {args.out_dir}, or drop --resume'
+    ckpt = read_checkpoint(ckpt_path, hint) if args.resume else None
+    if ckpt is not None and ckpt['model_type'] != args.model:
+        raise TrainError(f"{ckpt_path} is a {ckpt['model_type']} checkpoint, not a {args.model}; "
+                         'use another --out_dir or --model')
+    if ckpt is not None and ckpt['data_key'] != data_key(meta, res):
+        raise TrainError(f"{ckpt_path} was trained on data {ckpt['data_key']}, but --data {args.data} "
+                         f'--resolution {res} gives {data_key(meta, res)}')
+    idx = torch.randint(len(splits['train']['clips']), (64,), generator=torch.Generator().manual_seed(args.seed))
+    first = None if ckpt is not None else read_batch(splits['train'], idx, res, 'cpu')  # for init_from_data
+    model = build_model(args, overrides, ckpt, first)
+    config = model.config
+    args.min_lr = config.lr / 10 if args.min_lr is None else args.min_lr
+    args.lr_decay_iters = config.max_iters if args.lr_decay_iters is None else args.lr_decay_iters
     model.to(device)
     if device_type == 'cpu':  # oneDNN's 3D convolutions run faster channels-last
         model = model.to(memory_format=torch.channels_last_3d)
-    muon = {'muon': True} if args.optimizer == 'muon' else {}
-    optimizer = Optimizers(model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2), device_type, **muon))
+
+    # optimizer, EMA, compile, DDP
+    try:
+        optimizers = model.configure_optimizers(device_type)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     if ckpt is not None:
-        if ckpt['args'].get('optimizer', 'adamw') != args.optimizer:
-            raise TrainError(f"{ckpt_path} was trained with --optimizer {ckpt['args'].get('optimizer', 'adamw')}; "
-                             'resume with it, or start a new --out_dir')
-        optimizer.load_state_dict(ckpt['optimizer'])
-    ema = None
-    if args.ema > 0:
-        ema = copy.deepcopy(model).requires_grad_(False)
-        if ckpt is not None and ckpt.get('ema') is not None:
-            ema.load_state_dict(ckpt['ema'])
+        states = ckpt['optimizer']  # a list; one optimizer's dict, or {'optimizers': [...]}, before
+        states = states if isinstance(states, list) else states.get('optimizers', [states])
+        for o, s in zip(optimizers, states, strict=True):
+            o.load_state_dict(s)
+    ema = copy.deepcopy(model).requires_grad_(False) if config.ema > 0 else None
+    if ema is not None and ckpt is not None and ckpt.get('ema') is not None:
+        ema.load_state_dict(ckpt['ema'])
     scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == 'float16')
-    start_iter = ckpt['iter_num'] if ckpt is not None else 0
+    it = ckpt['iter_num'] if ckpt is not None else 0
     best_val = ckpt['best_val_loss'] if ckpt is not None else float('inf')
-    raw_model = model
+    raw_model = model  # saved, evaluated and sampled: no _orig_mod. or module. prefixes
     if args.compile:
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f'{args.model}: {n_params / 1e6:.2f}M parameters, config {dataclasses.asdict(config)}')
+        print(f'{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, '
+              f'config {dataclasses.asdict(config)}')
         print(f'training: {vars(args)}')
         print(f'device {device}, dtype {args.dtype}, compile {args.compile}, world {world}, '
-              f'{args.batch_size * args.grad_accum * world} clips per step, from step {start_iter}')
-    log_path = os.path.join(args.out_dir, 'log.jsonl')
+              f'{config.batch_size * args.grad_accum * world} clips per step, from step {it}')
 
     def log(rec):
         print(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()), flush=True)
-        with open(log_path, 'a') as f:
+        with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
             f.write(json.dumps(rec) + '\n')
 
-    def batch(split_data, step, micro, which):
-        """This rank's slice of the global batch of (step, micro-step): a pure function of the seed, so a
-        resumed run draws the same clips, and N processes draw what one process with N times the batch would."""
-        g = torch.Generator().manual_seed(seed_of(args.seed, which, step, micro))
-        idx = torch.randint(len(split_data['clips']), (args.batch_size * world,), generator=g)
-        mine = idx[rank * args.batch_size:(rank + 1) * args.batch_size]
-        if tok is not None:  # the prior trains on cached codes
-            mine = np.sort(mine.numpy())
-            x, ids = torch.from_numpy(split_data['clips'][mine].astype(np.int64)), torch.from_numpy(split_data['ids'][mine].astype(np.int64))
-        else:
-            x, ids = prepare_data.get_batch(split_data, 0, res, idx=mine)
-        return x.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-
-    @torch.no_grad()
-    def evaluate(eval_model):
-        eval_model.eval()
-        out = {}
-        for name, data in (('train', train_data), ('val', val_data)):
-            if len(data['clips']) == 0:
-                continue
-            losses = []
-            for k in range(args.eval_iters):
-                torch.manual_seed(args.seed + k)
-                x, ids = batch(data, -1, k, 'eval')  # the same batches at every evaluation
-                with ctx:
-                    losses.append(loss_of(eval_model, args.model, x, ids, None).item())
-            out[name] = sum(losses) / len(losses)
-        eval_model.train()
-        return out
-
-    def checkpoint(it):
-        return dict(model_type=args.model, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                    ema=ema.state_dict() if ema is not None else None, config=dataclasses.asdict(config),
-                    args=vars(args), iter_num=it, best_val_loss=best_val, data_meta=meta, data_key=data_key(meta, args),
-                    tokenizer=None if tok is None else dict(config=dataclasses.asdict(tok.config), model=tok.state_dict()))
-
-    def eval_and_save(it):
+    def evaluate_and_save(it):
         nonlocal best_val
         eval_model = ema if ema is not None else raw_model
-        losses = evaluate(eval_model)
+        losses = estimate_loss(eval_model, splits, args, config.batch_size, res, device, ctx)
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainError(f'validation loss is {losses} at step {it}; the last good checkpoint is {ckpt_path}')
         best_val = min(best_val, losses.get('val', float('inf')))
         log(dict(iter=it, train_loss=losses.get('train'), val_loss=losses.get('val'), best_val_loss=best_val))
-        save_checkpoint(ckpt_path, checkpoint(it))
-        x, ids = batch(val_data if len(val_data['clips']) else train_data, -1, 0, 'sample')
-        visualize(eval_model, args.model, x[:4], ids[:4], os.path.join(args.out_dir, f'sample_{it:06d}'), meta['fps'], tok)
+        save_checkpoint(ckpt_path, dict(
+            model_type=args.model, model=raw_model.state_dict(), optimizer=[o.state_dict() for o in optimizers],
+            ema=None if ema is None else ema.state_dict(), config=dataclasses.asdict(config), args=vars(args),
+            iter_num=it, best_val_loss=best_val, data_meta=meta, data_key=data_key(meta, res),
+            tokenizer=None if tok is None else dict(config=dataclasses.asdict(tok.config), model=tok.state_dict())))
+        shown = splits['val'] if len(splits['val']['clips']) else splits['train']
+        x, ids = get_batch(shown, (args.seed, 'sample', -1, 0), config.batch_size, 0, 1, res, device)
+        preview(eval_model, tok, x[:4], ids[:4], os.path.join(args.out_dir, f'sample_{it:06d}'), meta['fps'])
 
-    t0 = time.time()
-    it = start_iter
-    while it < args.max_iters:
-        if it % args.eval_interval == 0 and it > start_iter and master:
-            eval_and_save(it)
-        lr = get_lr(it, args)
-        for group in optimizer.param_groups:
-            group['lr'] = lr * group.get('lr_mult', 1.0)
+    # the loop
+    start, t0 = it, time.time()
+    while it < config.max_iters:
+        if it % args.eval_interval == 0 and it > start and master:
+            evaluate_and_save(it)
+        lr = get_lr(it, config.lr, args)
+        for group in (g for o in optimizers for g in o.param_groups):
+            group['lr'] = lr
         torch.manual_seed(seed_of(args.seed, 'model', it, rank))  # dropout, masks, noise of this step
         for micro in range(args.grad_accum):
             if ddp:  # sync gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == args.grad_accum - 1
-            x, ids = batch(train_data, it, micro, 'train')
+            x, ids = get_batch(splits['train'], (args.seed, 'train', it, micro), config.batch_size, rank, world, res,
+                               device)
             with ctx:
-                loss = loss_of(model, args.model, x, ids, it) / args.grad_accum
+                loss = model(x, ids, it)[1] / args.grad_accum
             scaler.scale(loss).backward()
         if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
+            for o in optimizers:
+                scaler.unscale_(o)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
+        for o in optimizers:
+            scaler.step(o)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
         if ema is not None:
             with torch.no_grad():
                 for pe, pm in zip(ema.parameters(), raw_model.parameters()):
-                    pe.lerp_(pm, 1 - args.ema)
+                    pe.lerp_(pm, 1 - config.ema)
         it += 1
         if it % args.log_interval == 0 and master:
             lossf = loss.item() * args.grad_accum
             if not math.isfinite(lossf):
                 raise TrainError(f'loss is {lossf} at step {it}; stopped. The last good checkpoint is {ckpt_path} '
                                  '(try a lower --lr or --dtype float32)')
-            dt = (time.time() - t0) / args.log_interval
-            t0 = time.time()
-            clips = args.batch_size * args.grad_accum * world
-            extra = {k: round(v.item(), 5) for k, v in getattr(raw_model, 'last_losses', {}).items()}
+            dt, t0 = (time.time() - t0) / args.log_interval, time.time()
+            parts = {k: round(v.item(), 5) for k, v in raw_model.last_losses.items()}
             log(dict(iter=it, loss=round(lossf, 5), lr=float(f'{lr:.3e}'), ms=round(dt * 1000, 1),
-                     clips_per_s=round(clips / dt, 1), **extra))
+                     clips_per_s=round(config.batch_size * args.grad_accum * world / dt, 1), **parts))
     if master:
-        eval_and_save(it)
+        evaluate_and_save(it)
     if ddp:  # tear down together: a rank that leaves while rank 0 still saves can abort in gloo's threads
         dist.barrier()
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""The prior's path end to end on a tiny run: train.py --model=prior, sample.py, eval.py."""
+"""The prior's path end to end on a tiny run: train.py --model=prior, sample.py, eval.py, pipeline.sh."""
 import json
 import os
 import subprocess
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+import eval as eval_script
 import prepare_data
+import sample
 import train
 from conftest import ROOT
 
@@ -30,52 +32,81 @@ def run_dir(tmp_path_factory):
     return d
 
 
-def run(script, *argv):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True)
-    return r.returncode, r.stdout + r.stderr
+def run(capsys, script, *argv):
+    """A script's main in this process: (exit code, what it printed)."""
+    try:
+        code = script.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
 
 
 def test_prior_checkpoint_carries_tokenizer_and_codes_are_cached(run_dir):
     ckpt = torch.load(run_dir / 'ar' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_type'] == 'prior' and ckpt['config']['grid'] == (5, 8, 8)
+    assert ckpt['config']['optimizer'] == 'muon' and len(ckpt['optimizer']) == 2  # the prior's recipe: Muon + AdamW
     assert ckpt['tokenizer']['config']['channels'] == 8 and 'vocab_size' in ckpt['data_meta']['text']
     caches = [f for f in os.listdir(run_dir / 'shapes') if '_codes_' in f]
     assert len(caches) == 2  # train and val, encoded once for both modes
     assert os.path.exists(run_dir / 'ar' / 'sample_000002.png')
 
 
-def test_prior_checkpoint_from_before_rope_loads_without_it(run_dir, tmp_path):
-    ckpt = torch.load(run_dir / 'ar' / 'ckpt.pt', weights_only=True)
-    assert ckpt['config']['rope'] is True
-    new, _ = train.load_model(str(run_dir / 'ar' / 'ckpt.pt'))
-    del ckpt['config']['rope']  # as written before rotary positions existed
-    torch.save(ckpt, tmp_path / 'old.pt')
-    old, _ = train.load_model(str(tmp_path / 'old.pt'))
-    assert old.config.rope is False and torch.all(old.rope_sin == 0)
+def old_format(ckpt: dict) -> dict:
+    """A checkpoint as train.py wrote it before the training recipe moved into the config (and before rotary
+    positions, for a prior): the recipe in args, the optimizer state a dict, the config with first_prob."""
+    old = dict(ckpt, config=dict(ckpt['config']), args=dict(ckpt['args']))
+    for k in ('optimizer', 'lr', 'weight_decay', 'batch_size', 'max_iters', 'ema'):
+        old['args'][k] = old['config'].pop(k)
+    old['args']['beta1'], old['args']['beta2'] = old['config'].pop('betas')
+    states = ckpt['optimizer']
+    old['optimizer'] = states[0] if len(states) == 1 else {'optimizers': states}
+    if old['model_type'] == 'prior':
+        old['config']['first_prob'] = 0.0
+        del old['config']['rope']
+    return old
+
+
+def test_checkpoints_from_before_load_sample_and_resume(run_dir, tmp_path, capsys):
+    for name in ('tok', 'ar', 'mask'):
+        torch.save(old_format(torch.load(run_dir / name / 'ckpt.pt', weights_only=True)), tmp_path / f'{name}.pt')
+    old = train.load_model(train.read_checkpoint(str(tmp_path / 'ar.pt')), 'cpu')
+    new = train.load_model(train.read_checkpoint(str(run_dir / 'ar' / 'ckpt.pt')), 'cpu')
+    assert old.config.rope is False and torch.all(old.rope_sin == 0)  # trained before rotary positions: none
     text, codes = torch.ones(1, old.config.text_len, dtype=torch.long), torch.zeros(1, *old.config.grid, dtype=torch.long)
-    assert not torch.allclose(old(text, codes)[0], new(text, codes)[0])
+    assert not torch.allclose(old(codes, text)[0], new(codes, text)[0])
+    code, log = run(capsys, sample, '--ckpt', str(tmp_path / 'mask.pt'), '--prompt', 'a red ball moving up',
+                    '--num_samples', '1', '--out', str(tmp_path / 's'), '--no_mp4')
+    assert code == 0, log
+    os.makedirs(tmp_path / 'resume')
+    os.replace(tmp_path / 'mask.pt', tmp_path / 'resume' / 'ckpt.pt')
+    assert train.main(['--model=prior', '--mode=mask', '--data', str(run_dir / 'shapes'), '--tokenizer',
+                       str(run_dir / 'tok' / 'ckpt.pt'), '--out_dir', str(tmp_path / 'resume'), '--max_iters', '3',
+                       '--resume', *PRIOR]) == 0
+    assert torch.load(tmp_path / 'resume' / 'ckpt.pt', weights_only=True)['iter_num'] == 3
 
 
-def test_muon_resume_is_exact_and_keeps_its_optimizer(run_dir, tmp_path):
+def test_muon_resume_is_exact_and_keeps_its_optimizer(run_dir, tmp_path, capsys):
     common = ['--model=prior', '--mode=mask', '--data', str(run_dir / 'shapes'), '--tokenizer', str(run_dir / 'tok' / 'ckpt.pt'),
-              '--optimizer', 'muon', '--lr_decay_iters', '4', '--warmup_iters', '1', '--eval_interval', '100', *PRIOR]
+              '--lr_decay_iters', '4', '--warmup_iters', '1', '--eval_interval', '100', *PRIOR]
     assert train.main([*common, '--out_dir', str(tmp_path / 'a'), '--max_iters', '4']) == 0
     assert train.main([*common, '--out_dir', str(tmp_path / 'b'), '--max_iters', '2']) == 0
     assert train.main([*common, '--out_dir', str(tmp_path / 'b'), '--max_iters', '4', '--resume']) == 0
     a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in 'ab')
-    assert len(b['optimizer']['optimizers']) == 2 and b['iter_num'] == 4  # AdamW's state and Muon's momenta
+    assert b['iter_num'] == 4
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
-    adamw = [c for c in common if c not in ('--optimizer', 'muon')]
-    code, log = run('train.py', *adamw, '--optimizer', 'adamw', '--out_dir', str(tmp_path / 'b'), '--max_iters', '6', '--resume')
-    assert code == 2 and 'trained with --optimizer muon' in log and 'Traceback' not in log
+    code, log = run(capsys, train, *common, '--optimizer', 'adamw', '--out_dir', str(tmp_path / 'b'), '--max_iters', '6',
+                    '--resume')
+    assert code == 2 and 'trained with --optimizer muon; drop --optimizer' in log and 'Traceback' not in log
 
 
 @pytest.mark.parametrize('mode', ['ar', 'mask'])
-def test_sample_cli(run_dir, mode, tmp_path):
+def test_sample_cli(run_dir, mode, tmp_path, capsys):
     out = tmp_path / 's'
-    code, log = run('sample.py', '--ckpt', str(run_dir / mode / 'ckpt.pt'), '--prompt', 'a big red circle moving left',
-                    '--num_samples', '2', '--seed', '1', '--out', str(out), '--steps', '4')
+    argv = ['--ckpt', str(run_dir / mode / 'ckpt.pt'), '--prompt', 'a big red circle moving left', '--num_samples', '2',
+            '--seed', '1']
+    code, log = run(capsys, sample, *argv, '--out', str(out), *(['--steps', '4'] if mode == 'mask' else []))
     assert code == 0, log
     assert 's per video' in log
     for f in ('a_big_red_circle_moving_left_0.gif', 'a_big_red_circle_moving_left_1.mp4',
@@ -85,20 +116,22 @@ def test_sample_cli(run_dir, mode, tmp_path):
     assert v.shape == (17, 32, 32, 3) and v.dtype == np.uint8
     rec = [json.loads(ln) for ln in open(out / 'samples.jsonl')]
     assert len(rec) == 2 and rec[0]['prompt'] == 'a big red circle moving left' and rec[0]['seed'] == 1
-    assert rec[0]['cfg'] is not None and rec[0]['guide_frames'] == (1 if mode == 'ar' else None)
-    assert rec[0]['first_steps'] == (None if mode == 'ar' else 1)  # a third of --steps 4
-    assert rec[0]['refine_steps'] == (None if mode == 'ar' else 2)  # the mode's default
-    assert rec[0]['refine_cfg'] == (None if mode == 'ar' else 1.0)
+    assert rec[0]['cfg'] == 2.0 and rec[0]['dtype'] in ('float32', 'bfloat16')  # the values used, not None
+    if mode == 'ar':
+        assert rec[0]['guide_frames'] == 1 and 'steps' not in rec[0]
+    else:
+        assert (rec[0]['first_steps'], rec[0]['refine_steps'], rec[0]['refine_cfg']) == (1, 2, 1.0)  # a third of 4
     # the same seed reproduces the same video
-    code, _ = run('sample.py', '--ckpt', str(run_dir / mode / 'ckpt.pt'), '--prompt', 'a big red circle moving left',
-                  '--num_samples', '2', '--seed', '1', '--out', str(tmp_path / 's2'), '--steps', '4', '--no_mp4')
+    code, _ = run(capsys, sample, *argv, '--out', str(tmp_path / 's2'), '--no_mp4', *(['--steps', '4'] if mode == 'mask'
+                                                                                   else []))
     assert code == 0 and np.array_equal(v, np.load(tmp_path / 's2' / 'a_big_red_circle_moving_left_0.npy'))
 
 
-def test_long_story_and_image(run_dir, tmp_path):
+def test_long_story_and_image(run_dir, tmp_path, capsys):
     img = tmp_path / 'first.png'
-    iio.imwrite(img, prepare_data.render_shapes(prepare_data.sample_shapes(1, 64, 2, np.random.default_rng(0)), 64)[0, 0])
-    code, log = run('sample.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story',
+    first = prepare_data.render_shapes(prepare_data.sample_shapes(1, 64, 2, np.random.default_rng(0)), 64)[0, 0]
+    iio.imwrite(img, first)
+    code, log = run(capsys, sample, '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story',
                     'a red circle moving left|a red circle moving up', '--frames', '33', '--num_samples', '1',
                     '--out', str(tmp_path / 'o'), '--no_mp4', '--image', str(img))
     assert code == 0, log
@@ -106,80 +139,128 @@ def test_long_story_and_image(run_dir, tmp_path):
     assert len(npys) == 1 and np.load(tmp_path / 'o' / npys[0]).shape == (33, 32, 32, 3)
     rec = json.loads(open(tmp_path / 'o' / 'samples.jsonl').readline())
     assert rec['windows'][0] == 'a red circle moving left' and rec['windows'][-1] == 'a red circle moving up'
-    code, log = run('sample.py', '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--prompt', 'a red circle moving left',
+    code, log = run(capsys, sample, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--prompt', 'a red circle moving left',
                     '--num_samples', '1', '--steps', '3', '--out', str(tmp_path / 'm'), '--no_mp4', '--image', str(img))
     assert code == 0, log
-    assert json.loads(open(tmp_path / 'm' / 'samples.jsonl').readline())['refine_steps'] == 0  # the given frame stays
+
+
+class WindowRecorder:
+    """A stand-in generator that records the windows sample_long asks for: (latent frames given, new prompt)."""
+    config = type('Config', (), {'grid': (3, 1, 1)})
+
+    def __init__(self):
+        self.calls = []
+
+    def sample(self, text, x=None, generator=None, new_prompt=False):
+        given = 0 if x is None else x.shape[1]
+        self.calls.append((given, new_prompt))
+        out = torch.full((text.shape[0], 3, 1, 1), len(self.calls))
+        if x is not None:
+            out[:, :given] = x
+        return out
+
+
+@pytest.mark.parametrize('turn_context, windows', [(1, [(0, False), (2, False), (1, True), (2, False)]),
+                                                   (2, [(0, False), (2, False), (2, True), (2, False), (2, False)])])
+def test_story_windows_keep_less_where_the_prompt_changes(turn_context, windows):
+    m = WindowRecorder()
+    a, b = torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)
+    codes = sample.sample_long(m, [a, a, b, b, b], n_latent=7, context=2, turn_context=turn_context)
+    assert m.calls == windows
+    assert codes.shape == (2, 7, 1, 1) and codes[0, :3].flatten().tolist() == [1, 1, 1]  # window 1 made frames 0-2
 
 
 @pytest.mark.parametrize('argv, words', [
     (['--ckpt', 'missing.pt', '--prompt', 'x'], 'train one with python train.py --model=prior'),
+    (['--ckpt', 'TOK', '--prompt', 'x'], 'is a tokenizer checkpoint; sampling needs a generator'),
     (['--prompt', '  '], 'empty prompt'),
     (['--prompt', 'a ' * 40], 'tokens; this model reads at most'),
     (['--prompt', 'a red ball', '--frames', '20'], '--frames must be 1 + 4k'),
     (['--prompt', 'a red ball', '--guide_frames', '0'], 'guide_frames must be at least 1'),
     (['--story', 'a red ball|a blue ball', '--frames', '33', '--turn_context', '0'], '--turn_context must be between 1'),
-    (['--ckpt', 'MASK', '--prompt', 'a red ball', '--guide_frames', '2'], '--guide_frames is for ar priors'),
-    (['--prompt', 'a red ball', '--first_steps', '1'], '--first_steps is for mask priors'),
+    (['--ckpt', 'MASK', '--prompt', 'a red ball', '--guide_frames', '2'], 'guide_frames is a setting of ar priors'),
+    (['--prompt', 'a red ball', '--first_steps', '1'], 'first_steps is a setting of mask priors'),
     (['--ckpt', 'MASK', '--prompt', 'a red ball', '--steps', '4', '--first_steps', '4'], 'first_steps must be in [0, steps)'),
-    (['--prompt', 'a red ball', '--refine_steps', '1'], '--refine_steps is for mask priors'),
-    (['--prompt', 'a red ball', '--refine_cfg', '2'], '--refine_cfg is for mask priors'),
+    (['--prompt', 'a red ball'] + ['--refine_cfg', '2'], 'refine_cfg is a setting of mask priors'),
     (['--ckpt', 'MASK', '--prompt', 'a red ball', '--refine_steps', '-1'], 'refine_steps must be >= 0'),
+    ([], 'give --prompt, --prompts or --story'),
 ])
-def test_sample_errors(run_dir, argv, words):
-    if '--ckpt' not in argv:
-        argv = ['--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), *argv]
-    argv = [str(run_dir / 'mask' / 'ckpt.pt') if a == 'MASK' else a for a in argv]
-    code, log = run('sample.py', *argv, '--out', str(run_dir / 'err'))
+def test_sample_errors(run_dir, capsys, argv, words):
+    paths = {'MASK': str(run_dir / 'mask' / 'ckpt.pt'), 'TOK': str(run_dir / 'tok' / 'ckpt.pt')}
+    argv = [paths.get(a, a) for a in (argv if '--ckpt' in argv else ['--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), *argv])]
+    code, log = run(capsys, sample, *argv, '--out', str(run_dir / 'err'))
     assert code == 2 and words in log and 'Traceback' not in log, log
-    code, log = run('sample.py', '--ckpt', str(run_dir / 'tok' / 'ckpt.pt'), '--prompt', 'x')
-    assert code == 2 and 'needs a prior' in log
 
 
-@pytest.mark.parametrize('mode, flag', [('mask', '--guide_frames'), ('ar', '--first_steps'), ('ar', '--refine_steps'),
-                                        ('ar', '--refine_cfg')])
-def test_eval_flags_of_the_other_mode_are_errors(run_dir, mode, flag):
-    code, log = run('eval.py', '--ckpt', str(run_dir / mode / 'ckpt.pt'), flag, '1')
-    assert code == 2 and f'{flag} is for {"ar" if mode == "mask" else "mask"} priors' in log and 'Traceback' not in log, log
-
-
-def test_eval_prior_cli(run_dir, tmp_path):
-    code, log = run('eval.py', '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--n_prompts', '3',
+def test_eval_prior_cli(run_dir, tmp_path, capsys):
+    code, log = run(capsys, eval_script, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--n_prompts', '3',
                     '--samples_per_prompt', '1', '--steps', '2', '--json', str(tmp_path / 'acc.json'))
     assert code == 0, log
     acc = json.load(open(tmp_path / 'acc.json'))
     assert acc['all_prompts']['n'] == 3 and 0 <= acc['all_prompts']['all'] <= 1
     assert 'invalid' in acc['all_prompts'] and 'seconds_per_video' in acc
     assert acc['settings']['refine_steps'] == 2 and acc['settings']['first_steps'] == 0  # recorded, not None
-    assert acc['settings']['refine_cfg'] == 1.0
+    code, log = run(capsys, eval_script, '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--refine_steps', '1')
+    assert code == 2 and 'refine_steps is a setting of mask priors' in log and 'Traceback' not in log
 
 
-def test_eval_dtype_autocasts_the_sampler(run_dir, tmp_path, monkeypatch):
-    import eval as eval_lib
+@pytest.mark.parametrize('dtype, has_bf16, want', [('bfloat16', False, True), ('float32', True, False),
+                                                   ('auto', True, True), ('auto', False, False)])
+def test_eval_autocasts_the_sampler_as_train_does(run_dir, tmp_path, monkeypatch, capsys, dtype, has_bf16, want):
     import prior
-    seen, generate = [], prior.Prior.generate
+    seen, sample_fn = [], prior.Prior.sample
 
     def spy(self, *a, **k):
         seen.append(torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16)
-        return generate(self, *a, **k)
-    monkeypatch.setattr(prior.Prior, 'generate', spy)
-    # auto (the default) is bfloat16 only on a CPU that has it natively, as in train.py
-    for dtype, has_bf16, want in (('bfloat16', False, True), ('float32', True, False), ('auto', True, True),
-                                  ('auto', False, False)):
-        seen.clear()
-        monkeypatch.setattr(train, 'cpu_has_bf16', lambda: has_bf16)
-        assert eval_lib.main(['--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--n_prompts', '2', '--samples_per_prompt',
-                              '1', '--steps', '2', '--dtype', dtype, '--json', str(tmp_path / 'acc.json')]) == 0
-        assert seen and all(s == want for s in seen), (dtype, has_bf16, seen)
-        assert json.load(open(tmp_path / 'acc.json'))['settings']['dtype'] == ('bfloat16' if want else 'float32')
+        return sample_fn(self, *a, **k)
+    monkeypatch.setattr(prior.Prior, 'sample', spy)
+    monkeypatch.setattr(train, 'cpu_has_bf16', lambda: has_bf16)  # auto: bfloat16 only where it is native
+    code, log = run(capsys, eval_script, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--n_prompts', '2',
+                    '--samples_per_prompt', '1', '--steps', '2', '--dtype', dtype, '--device', 'cpu',
+                    '--json', str(tmp_path / 'acc.json'))
+    assert code == 0, log
+    assert seen and all(s == want for s in seen), seen
+    assert json.load(open(tmp_path / 'acc.json'))['settings']['dtype'] == ('bfloat16' if want else 'float32')
 
 
-def test_prior_without_tokenizer_is_a_clear_error(run_dir, tmp_path):
-    code, log = run('train.py', '--model=prior', '--data', str(run_dir / 'shapes'), '--tokenizer', str(tmp_path / 'no.pt'),
-                    '--out_dir', str(tmp_path / 'p'), '--max_iters', '1')
-    assert code == 2 and 'no checkpoint at' in log and '--model=' in log
+def test_prior_without_tokenizer_is_a_clear_error(run_dir, tmp_path, capsys):
+    code, log = run(capsys, train, '--model=prior', '--data', str(run_dir / 'shapes'), '--tokenizer',
+                    str(tmp_path / 'no.pt'), '--out_dir', str(tmp_path / 'p'), '--max_iters', '1')
+    assert code == 2 and 'no checkpoint at' in log and '--model=tokenizer' in log
 
 
+def test_eval_seen_and_held_out(run_dir, capsys):
+    code, log = run(capsys, eval_script, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--samples_per_prompt', '1',
+                    '--steps', '1', '--first_steps', '0', '--refine_steps', '0', '--batch_size', '96', '--json',
+                    str(run_dir / 'all.json'))
+    assert code == 0, log
+    out = json.load(open(run_dir / 'all.json'))
+    assert out['all_prompts']['n'] == 192 and out['held_out']['n'] == 8  # green triangles: 2 sizes x 4 motions
+    assert out['seen']['n'] == 184
+    acc = lambda d: d['all'] * d['n']
+    assert acc(out['seen']) + acc(out['held_out']) == pytest.approx(acc(out['all_prompts']))
+
+
+def test_eval_story_cli(run_dir, tmp_path, capsys):
+    ar = str(run_dir / 'ar' / 'ckpt.pt')
+    code, log = run(capsys, eval_script, '--ckpt', ar, '--story', '2', '--json', str(tmp_path / 's.json'))
+    assert code == 0, log
+    out = json.load(open(tmp_path / 's.json'))
+    # 65 frames = 17 latent frames in windows of 5 keeping 3 (1 where the prompt changes); the second prompt
+    # from the second window on
+    assert out['frames'] == 65 and out['segment_frames'] == [[0, 17], [17, 65]]
+    assert out['segment_1']['n'] == 2 and out['segment_2']['n'] == 2
+    code, log = run(capsys, eval_script, '--ckpt', ar, '--story', '1', '--story_cut', '0', '--json', str(tmp_path / 's.json'))
+    assert code == 0, log  # the even split of sample.py --story: the last 3 windows for the second prompt
+    assert json.load(open(tmp_path / 's.json'))['segment_frames'] == [[0, 41], [41, 65]]
+    for argv, words in ((['--story_cut', '20'], 'one of [17, 25, 33, 41, 49, 57]'),
+                        (['--story_frames', '49', '--story_cut', '41'], 'fewer than 17 frames'),
+                        (['--turn_context', '5'], '--turn_context must be between 1 and 4')):
+        code, log = run(capsys, eval_script, '--ckpt', ar, '--story', '1', *argv)
+        assert code == 2 and words in log and 'Traceback' not in log, log
+
+
+@pytest.mark.slow
 def test_prior_under_ddp(run_dir, tmp_path):
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         os.path.join(ROOT, 'train.py'), '--model=prior', '--mode=mask', '--data', str(run_dir / 'shapes'),
@@ -190,37 +271,7 @@ def test_prior_under_ddp(run_dir, tmp_path):
     assert 'world 2' in r.stdout and torch.load(tmp_path / 'd' / 'ckpt.pt', weights_only=True)['iter_num'] == 2
 
 
-def test_eval_seen_and_held_out(run_dir):
-    import eval as eval_lib
-    model, ckpt = train.load_model(str(run_dir / 'mask' / 'ckpt.pt'), 'cpu')
-    out = eval_lib.eval_prior(model, ckpt, 192, 1, 96, 'cpu', 0, steps=1)
-    assert out['all_prompts']['n'] == 192 and out['held_out']['n'] == 8  # green triangles: 2 sizes x 4 motions
-    assert out['seen']['n'] == 184
-    acc = lambda d: d['all'] * d['n']
-    assert acc(out['seen']) + acc(out['held_out']) == pytest.approx(acc(out['all_prompts']))
-
-
-def test_eval_story_cli(run_dir, tmp_path):
-    code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '2', '--json', str(tmp_path / 's.json'))
-    assert code == 0, log
-    out = json.load(open(tmp_path / 's.json'))
-    # 65 frames = 17 latent frames in windows of 5 keeping 3 (1 where the prompt changes); the second prompt
-    # from the second window on
-    assert out['frames'] == 65 and out['segment_frames'] == [[0, 17], [17, 65]]
-    assert out['segment_1']['n'] == 2 and out['segment_2']['n'] == 2
-    code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '1', '--story_cut', '0',
-                    '--json', str(tmp_path / 's.json'))
-    assert code == 0, log  # the even split of sample.py --story: the last 3 windows for the second prompt
-    assert json.load(open(tmp_path / 's.json'))['segment_frames'] == [[0, 41], [41, 65]]
-    code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '1', '--story_cut', '20')
-    assert code == 2 and 'one of [17, 25, 33, 41, 49, 57]' in log and 'Traceback' not in log, log
-    code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '2', '--story_frames', '49',
-                    '--story_cut', '41')
-    assert code == 2 and 'fewer than 17 frames' in log and 'Traceback' not in log, log
-    code, log = run('eval.py', '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story', '1', '--turn_context', '5')
-    assert code == 2 and '--turn_context must be between 1 and 4' in log and 'Traceback' not in log, log
-
-
+@pytest.mark.slow
 def test_pipeline_script(tmp_path):
     env = dict(os.environ, DATA=str(tmp_path / 'data'), TOK_DATA=str(tmp_path / 'tok_data'), OUT=str(tmp_path / 'out'),
                DATA_FLAGS='--n_train 24 --n_val 8 --size 32',

@@ -1,15 +1,15 @@
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+import bench
 import eval as eval_script
 import prepare_data
 import train
-from conftest import ROOT
+
+SMALL_PRIOR = ['--model=prior', '--n_layer', '1', '--n_embd', '32', '--n_head', '2', '--grid', '2,2,2', '--text_len', '4',
+               '--batch_size', '2']
 
 
 def test_ssim_properties():
@@ -19,49 +19,44 @@ def test_ssim_properties():
     assert (eval_script.ssim(a, noisy) < 0.9).all()
 
 
-def test_eval_and_bench_cli(tmp_path):
+def test_eval_and_bench_a_tokenizer(tmp_path, capsys):
     data = str(tmp_path / 'shapes')
     prepare_data.prepare(prepare_data.get_args(['--out', data, '--n_train', '16', '--n_val', '6', '--size', '32']))
     out = str(tmp_path / 'tok')
     assert train.main(['--model=tokenizer', '--data', data, '--out_dir', out, '--max_iters', '2', '--channels', '8',
                        '--batch_size', '2', '--eval_iters', '1', '--eval_interval', '100']) == 0
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), '--ckpt', os.path.join(out, 'ckpt.pt'),
-                        '--n', '5', '--batch_size', '2', '--json', str(tmp_path / 'm.json')], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert eval_script.main(['--ckpt', f'{out}/ckpt.pt', '--n', '5', '--batch_size', '2', '--json', str(tmp_path / 'm.json')]) == 0
     m = json.load(open(tmp_path / 'm.json'))
     assert m['clips'] == 5 and 0 < m['psnr'] < 60 and 0 <= m['ssim'] <= 1 and 0 <= m['reader_accuracy'] <= 1
-    assert 0 < m['codebook_used'] <= m['codebook_size'] == 256 and 'psnr' in r.stdout
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), '--ckpt', str(tmp_path / 'none.pt')],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and 'no checkpoint at' in r.stderr and 'Traceback' not in r.stderr
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--channels', '8', '--batch_size', '1',
-                        '--frames', '5', '--resolution', '16', '--steps', '1', '--warmup', '1'], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert 'ms/step' in r.stdout and 'clips/s' in r.stdout and 'MFU' in r.stdout and '(32 tokens/clip)' in r.stdout
+    assert 0 < m['codebook_used'] <= m['codebook_size'] == 256 and 'psnr' in capsys.readouterr().out
+    assert eval_script.main(['--ckpt', str(tmp_path / 'none.pt')]) == 2
+    err = capsys.readouterr().err
+    assert 'no checkpoint at' in err and 'Traceback' not in err
+    torch.save({'weights': torch.zeros(1)}, tmp_path / 'other.pt')
+    assert eval_script.main(['--ckpt', str(tmp_path / 'other.pt')]) == 2
+    assert 'holds no model this repo knows' in capsys.readouterr().err
+    r = bench.main(['--channels', '8', '--batch_size', '1', '--frames', '5', '--resolution', '16', '--iters', '1',
+                    '--warmup', '1', '--peak_seconds', '0.05'])
+    log = capsys.readouterr().out
+    assert r['clips_per_s'] > 0 and r['flops'] > 0 and 'MFU' in log and 'tokens/s' not in log  # tokens: codes only
+    with pytest.raises(SystemExit, match='--sample times a generator; a tokenizer is a codec'):
+        bench.main(['--channels', '8', '--sample'])
 
 
-@pytest.mark.parametrize('mode, flags, tokens', [
-    ('ar', [], 12), ('mask', [], 12 + 2 * 8),  # text 4 + video 8; mask: every clip's first frame twice again as an image
-    ('mask', ['--image_share', '1'], 12 + 8), ('mask', ['--image_share', '0', '--optimizer', 'muon'], 12)])
-def test_bench_prior(mode, flags, tokens):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--model=prior', f'--mode={mode}', '--n_layer', '1',
-                        '--n_embd', '32', '--n_head', '2', '--grid', '2,2,2', '--text_len', '4', '--batch_size', '2',
-                        '--steps', '1', '--warmup', '1', *flags], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert f'({tokens} tokens/clip)' in r.stdout and 'MFU' in r.stdout
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--model=prior', f'--mode={mode}', '--n_layer', '1',
-                        '--n_embd', '32', '--n_head', '2', '--grid', '2,2,2', '--text_len', '4', '--batch_size', '2',
-                        '--sample', '--cfg', '1'], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert 's per clip' in r.stdout and ('faster' in r.stdout) == (mode == 'ar') and 'guidance 1 (off' in r.stdout
+@pytest.mark.parametrize('mode, flags', [('ar', []), ('mask', []), ('mask', ['--image_share', '0']),
+                                         ('ar', ['--optimizer', 'adamw'])])
+def test_bench_prior(mode, flags, capsys):
+    r = bench.main([*SMALL_PRIOR, f'--mode={mode}', '--iters', '1', '--warmup', '1', '--peak_seconds', '0.05', *flags])
+    log = capsys.readouterr().out
+    assert '(2, 2, 2)' in log and 'tokens/s' in log and r['mfu'] > 0
+    assert f"optimizer {'adamw' if flags[-1:] == ['adamw'] else 'muon'}" in log
+    r = bench.main([*SMALL_PRIOR, f'--mode={mode}', '--sample', '--cfg', '1'])
+    log = capsys.readouterr().out
+    assert 's per clip' in log and "'cfg': 1.0" in log and r['tokens_per_s'] > 0
 
 
-def test_uncached_baseline_matches_the_cache():
-    import bench
-    import prior
-    torch.manual_seed(0)
-    m = prior.Prior(prior.PriorConfig(vocab_size=30, text_vocab=20, text_len=4, grid=(2, 2, 2), n_layer=2, n_head=2,
-                                      n_embd=32)).eval()
-    text = torch.randint(20, (3, 4))
-    for cfg in (1.0, 3.0):
-        assert torch.equal(bench.uncached_ar(m, text, cfg).view(3, 2, 2, 2), m.generate(text, temperature=0, cfg=cfg))
+def test_bench_flops_of_the_image_passes():
+    # a mask prior that trains each clip's first frame twice more as an image does more work per step
+    flops = {share: bench.main([*SMALL_PRIOR, '--mode=mask', '--iters', '1', '--warmup', '0', '--peak_seconds', '0.01',
+                                '--image_share', share])['flops'] for share in ('0', '2')}
+    assert flops['2'] > flops['0']

@@ -19,22 +19,29 @@ def data(tmp_path_factory):
     return out
 
 
-def run_train(*argv):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *argv], capture_output=True, text=True)
-    return r.returncode, r.stdout + r.stderr
+def run_train(capsys, *argv):
+    """train.main in this process, as the command line would run it: (exit code, what it printed)."""
+    try:
+        code = train.main(list(argv))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
 
 
 def test_cli_end_to_end(data, tmp_path):
     out = str(tmp_path / 'tok')
-    code, log = run_train('--model=tokenizer', '--data', data, '--out_dir', out, '--max_iters', '4',
-                          '--eval_interval', '2', '--log_interval', '2', *TINY)
-    assert code == 0, log
-    assert 'iter 2 loss' in log and 'val_loss' in log and 'clips_per_s' in log
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--model=tokenizer', '--data', data, '--out_dir',
+                        out, '--max_iters', '4', '--eval_interval', '2', '--log_interval', '2', *TINY],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'iter 2 loss' in r.stdout and 'val_loss' in r.stdout and 'clips_per_s' in r.stdout
     for f in ('ckpt.pt', 'log.jsonl', 'sample_000002.png', 'sample_000004.gif'):
         assert os.path.exists(os.path.join(out, f)), f
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ckpt['model_type'] == 'tokenizer' and ckpt['iter_num'] == 4 and ckpt['config']['channels'] == 8
-    model, _ = train.load_model(os.path.join(out, 'ckpt.pt'))
+    assert ckpt['config']['batch_size'] == 2 and ckpt['config']['max_iters'] == 4  # the recipe it trained with
+    model = train.load_model(train.read_checkpoint(os.path.join(out, 'ckpt.pt')), 'cpu')
     assert model.encode(torch.zeros(1, 3, 17, 32, 32)).shape == (1, 5, 8, 8)
 
 
@@ -52,79 +59,57 @@ def test_exact_resume(data, tmp_path):
         assert torch.equal(a['ema'][k], b['ema'][k]), k
 
 
-def test_resume_refuses_mismatches(data, tmp_path):
+def test_resume_refuses_mismatches_and_takes_a_new_recipe(data, tmp_path, capsys):
     out = str(tmp_path / 't')
     base = ['--model=tokenizer', '--data', data, '--out_dir', out, '--eval_interval', '100', *TINY]
     assert train.main([*base, '--max_iters', '2']) == 0
-    code, log = run_train(*base, '--max_iters', '4', '--resume', '--channels', '16')
-    assert code == 2 and 'drop --channels' in log and 'Traceback' not in log
-    code, log = run_train(*base, '--max_iters', '4', '--resume', '--resolution', '16')
+    code, log = run_train(capsys, *base, '--max_iters', '4', '--resume', '--channels', '16')
+    assert code == 2 and 'trained with --channels 8; drop --channels' in log and 'Traceback' not in log
+    code, log = run_train(capsys, *base, '--max_iters', '4', '--resume', '--weight_decay', '0.1')
+    assert code == 2 and 'drop --weight_decay' in log  # AdamW's state would keep the old one
+    code, log = run_train(capsys, *base, '--max_iters', '4', '--resume', '--resolution', '16')
     assert code == 2 and 'trained on data' in log
+    # a resumed run may change its lr, batch, length and EMA; the checkpoint records them
+    assert train.main([*base, '--max_iters', '3', '--resume', '--lr', '5e-4', '--batch_size', '3', '--ema', '0.5']) == 0
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['iter_num'] == 3 and (ckpt['config']['lr'], ckpt['config']['batch_size']) == (5e-4, 3)
+    assert ckpt['ema'] is not None
     ckpt['model_type'] = 'prior'
     torch.save(ckpt, os.path.join(out, 'ckpt.pt'))
-    code, log = run_train(*base, '--max_iters', '4', '--resume')
+    code, log = run_train(capsys, *base, '--max_iters', '4', '--resume')
     assert code == 2 and 'is a prior checkpoint' in log
-    code, log = run_train(*base[:-len(TINY)], '--out_dir', str(tmp_path / 'none'), '--resume')
-    assert code == 2 and 'no checkpoint at' in log
+    code, log = run_train(capsys, *base[:-len(TINY)], '--out_dir', str(tmp_path / 'none'), '--resume')
+    assert code == 2 and 'no checkpoint at' in log and 'or drop --resume' in log
 
 
 @pytest.mark.parametrize('flags, words', [
     (['--batch_size', '0'], '--batch_size must be at least 1'),
+    (['--ema', '1'], '--ema must be in [0, 1)'),
     (['--resolution', '24'], 'must divide the data size'),
     (['--levels', '1,5'], 'FSQ levels'),
     (['--quantizer', 'vq'], "'fsq' or 'lfq'"),
     (['--data', 'nowhere'], 'not a dataset'),
-    (['--optimizer', 'muon'], '--optimizer muon is for the prior'),
+    (['--optimizer', 'muon'], "the tokenizer trains with optimizer 'adamw'"),
+    (['--first_prob', '0.5'], '--first_prob was removed; use --image_share'),
+    (['--beta1', '0.8'], '--beta1 was removed; use --betas B1,B2'),
+    (['--levels', 'a,b'], 'expected comma-separated ints'),
 ])
-def test_bad_flags(data, tmp_path, flags, words):
-    code, log = run_train('--model=tokenizer', '--data', data, '--out_dir', str(tmp_path / 'o'), '--max_iters', '1', *flags)
+def test_bad_flags(data, tmp_path, capsys, flags, words):
+    code, log = run_train(capsys, '--model=tokenizer', '--data', data, '--out_dir', str(tmp_path / 'o'), '--max_iters',
+                          '1', *flags)
     assert code == 2 and words in log and 'Traceback' not in log, log
+    assert not os.path.exists(tmp_path / 'o' / 'ckpt.pt')
 
 
-def test_muon_on_a_torch_without_it_says_what_to_do(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.delattr(torch.optim, 'Muon')
-    code = train.main(['--model=prior', '--data', data, '--out_dir', str(tmp_path / 'o'), '--max_iters', '1'])
-    log = capsys.readouterr()
-    assert code == 2 and 'needs torch >= 2.9' in log.out + log.err and '--optimizer adamw' in log.out + log.err
-
-
-def test_nan_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+def test_nan_stops_and_keeps_last_good_checkpoint(data, tmp_path, capsys):
     out = str(tmp_path / 'n')
     base = ['--model=tokenizer', '--data', data, '--out_dir', out, '--eval_interval', '100', '--log_interval', '1', *TINY]
     assert train.main([*base, '--max_iters', '2']) == 0
     good = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
-    code, log = run_train(*base, '--max_iters', '6', '--resume', '--lr', '1e30', '--grad_clip', '0')
+    code, log = run_train(capsys, *base, '--max_iters', '6', '--resume', '--lr', '1e30', '--grad_clip', '0')
     assert code == 2 and 'loss is nan' in log.lower() and 'last good checkpoint' in log
     after = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert after['iter_num'] == 2 and all(torch.equal(good['model'][k], after['model'][k]) for k in good['model'])
-
-
-def test_ddp_two_processes_match_one(data, tmp_path):
-    common = [f'--data={data}', '--model=tokenizer', '--max_iters', '3', '--eval_interval', '100', '--log_interval', '100',
-              '--channels', '8', '--levels', '4,3,3', '--eval_iters', '1', '--dtype', 'float32', '--warmup_iters', '1']
-    assert train.main([*common, '--out_dir', str(tmp_path / 'one'), '--batch_size', '4']) == 0
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        os.path.join(ROOT, 'train.py'), *common, '--out_dir', str(tmp_path / 'two'), '--batch_size', '2'],
-                       capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert 'world 2' in r.stdout
-    one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True)['model']
-    two = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)['model']
-    for k in one:
-        assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
-
-
-def test_ddp_gan_step(data, tmp_path):
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        os.path.join(ROOT, 'train.py'), f'--data={data}', '--model=tokenizer', '--max_iters', '2',
-                        '--out_dir', str(tmp_path / 'gan'), '--gan_weight', '0.1', '--disc_start', '0', '--gen_start', '0',
-                        '--disc_channels', '8', '--log_interval', '1', '--eval_interval', '100', *TINY],
-                       capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert 'g_adv' in r.stdout and ' d ' in r.stdout
-    ckpt = torch.load(tmp_path / 'gan' / 'ckpt.pt', weights_only=True)
-    assert any(k.startswith('disc.') for k in ckpt['model'])
 
 
 @pytest.mark.parametrize('has_bf16', [False, True])
@@ -137,23 +122,40 @@ def test_auto_dtype_is_bfloat16_only_on_cpus_that_have_it(data, tmp_path, monkey
     assert ckpt['args']['dtype'] == ('bfloat16' if has_bf16 else 'float32')
 
 
-def test_training_defaults_follow_the_model():
-    flag = lambda name, *argv: getattr(train.get_args(list(argv))[0], name)  # noqa: E731
-    assert flag('max_iters', '--model=tokenizer') == train.DEFAULTS['tokenizer']['max_iters'] == 4000
-    assert flag('max_iters', '--model=prior') == flag('max_iters', '--model=prior', '--mode=mask') == 2500
-    assert flag('max_iters', '--model=prior', '--mode=mask', '--max_iters', '5') == 5  # a flag still wins
-    # both priors sample from a short EMA copy and train their blocks with Muon at a high lr
-    assert flag('ema', '--model=prior') == flag('ema', '--model=prior', '--mode', 'mask') == 0.99
-    assert flag('ema', '--model=tokenizer') == 0.0 and flag('ema', '--model=prior', '--ema', '0') == 0.0
-    assert flag('lr', '--model=prior', '--mode=ar') == 6e-3 and flag('lr', '--model=tokenizer') == 1e-3
-    assert flag('optimizer', '--model=prior') == flag('optimizer', '--model=prior', '--mode=mask') == 'muon'
-    assert flag('optimizer', '--model=tokenizer') == 'adamw'
-    assert flag('optimizer', '--model=prior', '--optimizer', 'adamw') == 'adamw'
-
-
 def test_compile_without_a_cpp_compiler_trains_eagerly(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train.shutil, 'which', lambda name: None)  # torch.compile on CPU needs g++ or clang++
     assert train.main(['--model=tokenizer', '--data', data, '--out_dir', str(tmp_path), '--max_iters', '1',
                        '--device', 'cpu', '--compile', *TINY]) == 0
     assert 'needs a C++ compiler' in capsys.readouterr().err
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['args']['compile'] is False
+
+
+def torchrun(*argv):
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           os.path.join(ROOT, 'train.py'), *argv], capture_output=True, text=True,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(data, tmp_path):
+    common = [f'--data={data}', '--model=tokenizer', '--max_iters', '3', '--eval_interval', '100', '--log_interval', '100',
+              '--channels', '8', '--levels', '4,3,3', '--eval_iters', '1', '--dtype', 'float32', '--warmup_iters', '1']
+    assert train.main([*common, '--out_dir', str(tmp_path / 'one'), '--batch_size', '4']) == 0
+    r = torchrun(*common, '--out_dir', str(tmp_path / 'two'), '--batch_size', '2')
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'world 2' in r.stdout
+    one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True)['model']
+    two = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)['model']
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
+
+
+@pytest.mark.slow
+def test_ddp_gan_step(data, tmp_path):
+    r = torchrun(f'--data={data}', '--model=tokenizer', '--max_iters', '2', '--out_dir', str(tmp_path / 'gan'),
+                 '--gan_weight', '0.1', '--disc_start', '0', '--gen_start', '0', '--disc_channels', '8', '--log_interval',
+                 '1', '--eval_interval', '100', *TINY)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'g_adv' in r.stdout and ' d ' in r.stdout
+    ckpt = torch.load(tmp_path / 'gan' / 'ckpt.pt', weights_only=True)
+    assert any(k.startswith('disc.') for k in ckpt['model'])
