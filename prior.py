@@ -120,7 +120,7 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(n_embd), Attention(n_embd, n_head, dropout)
         self.ln2 = nn.LayerNorm(n_embd)
-        # the exact GELU: in bfloat16 on CPU the tanh approximation's forward + backward is 6x slower
+        # the exact GELU: in bfloat16 on CPU the tanh one's forward + backward is 6x slower (RESULTS.md)
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
         self.drop = nn.Dropout(dropout)
 

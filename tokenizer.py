@@ -153,7 +153,7 @@ class Encoder(nn.Module):
         if cfg.attn:
             blocks.append(Attention(cin, cfg.n_head))
         self.blocks = nn.Sequential(*blocks)
-        # always normalised here: unbounded latents saturate FSQ's tanh and the codebook collapses (measured)
+        # always normalised here: unbounded latents saturate FSQ's tanh and the codebook collapses (RESULTS.md)
         self.norm_out, self.conv_out = FrameGroupNorm(cin), CausalConv3d(cin, cfg.latent_dim, kernel=1)
 
     def forward(self, x):  # (B, 3, T, H, W) -> (B, d, t, h, w)
@@ -286,7 +286,7 @@ class TokenizerConfig:
     down_space: tuple = (True, False)  # halve H and W between level i and i + 1
     down_time: tuple = (True, True)  # halve time (1 + 2k -> 1 + k frames) between level i and i + 1
     patch_size: int = 2  # space-to-depth at the input, depth-to-space at the output
-    norm: bool = False  # per-frame GroupNorm in the residual blocks (off learns faster on shapes: measured)
+    norm: bool = False  # per-frame GroupNorm in the residual blocks (off learns faster on shapes: RESULTS.md)
     attn: bool = False  # spatial + causal temporal attention at the bottleneck
     n_head: int = 4  # attention heads
     quantizer: str = 'fsq'  # fsq or lfq
@@ -295,7 +295,7 @@ class TokenizerConfig:
     lfq_dim: int = 10  # LFQ bits per code; the codebook size is 2 ** lfq_dim
     entropy_weight: float = 0.1  # LFQ entropy penalty
     commit_weight: float = 0.25  # LFQ commitment loss
-    recon_loss: str = 'l2'  # l2 or l1 reconstruction loss (l1 stalls on black backgrounds: measured)
+    recon_loss: str = 'l2'  # l2 or l1 reconstruction loss (l1 stalls on black backgrounds: RESULTS.md)
     gan_weight: float = 0.0  # weight of the adversarial loss (0 = no GAN, no discriminator)
     disc_channels: int = 32  # discriminator width
     disc_start: int = 2000  # step at which the discriminator starts training

@@ -383,36 +383,10 @@ def preview(model, tok, x, ids, path: str, fps: float) -> None:
 # -----------------------------------------------------------------------------
 # the run
 
-def build_model(args, overrides: dict, ckpt: dict | None, batch):
-    """The model and its config: from the checkpoint on --resume (refusing changes to anything but RESUMABLE),
-    else from the config defaults and flags, with init_from_data on a batch of the data."""
-    cfg_cls, model_cls = MODELS[args.model]
-    torch.manual_seed(args.seed)  # the initial weights (DDP then broadcasts rank 0's)
-    try:
-        if ckpt is None:
-            model = model_cls(cfg_cls(**overrides))
-            model.init_from_data(*batch)
-            return model
-        changed = {k: v for k, v in overrides.items() if ckpt['config'].get(k) != v and k not in RESUMABLE}
-        if any(k in DATA_FIELDS for k in changed):
-            diff = ', '.join(f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in changed.items())
-            raise TrainError(f'the checkpoint was trained with another tokenizer or text vocabulary ({diff})')
-        if changed:
-            was = ', '.join(f"--{k} {ckpt['config'].get(k)}" for k in changed)
-            raise TrainError(f'--resume keeps the config of the checkpoint, which was trained with {was}; drop '
-                             f'{", ".join("--" + k for k in changed)} or start a new --out_dir')
-        model = model_cls.from_checkpoint(ckpt, use_ema=False)
-        model.config = dataclasses.replace(model.config, **{k: v for k, v in overrides.items() if k in RESUMABLE})
-        return model
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-
-
-def train(args, overrides):
-    check_args(args, MODELS[args.model][0](**overrides))
-    # setup: processes, device, dtype
+def setup(args):
+    """Processes, device and dtype: (ddp, rank, world, local rank, device). Fills in args' auto values."""
     ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, world, device = 0, 1, auto_device(args.device)
+    rank, world, local_rank, device = 0, 1, 0, auto_device(args.device)
     if ddp:
         backend = 'nccl' if torch.cuda.is_available() and args.device in ('auto', 'cuda') else 'gloo'
         dist.init_process_group(backend=backend)
@@ -420,24 +394,73 @@ def train(args, overrides):
         device = f'cuda:{local_rank}' if backend == 'nccl' else 'cpu'
         if backend == 'nccl':
             torch.cuda.set_device(device)
-    master, device_type = rank == 0, device.split(':')[0]
     args.dtype = auto_dtype(args.dtype, device)
-    ctx = autocast(device, args.dtype)
-    if device_type == 'cuda':
+    if device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    args.compile = device_type == 'cuda' if args.compile is None else args.compile
-    if args.compile and device_type == 'cpu' and not any(shutil.which(c) for c in ('g++', 'c++', 'clang++')):
+    args.compile = device.startswith('cuda') if args.compile is None else args.compile
+    if args.compile and device == 'cpu' and not any(shutil.which(c) for c in ('g++', 'c++', 'clang++')):
         print('train.py: --compile needs a C++ compiler on CPU (g++ or clang++) and none is installed; '
               'training without it', file=sys.stderr)
         args.compile = False
     args.out_dir = args.out_dir or os.path.join('out', args.model)
+    return ddp, rank, world, local_rank, device
+
+
+def build_model(args, overrides: dict, splits: dict, res: int):
+    """The model and the checkpoint it resumes (None for a new run). A new model takes the config defaults and
+    flags, then init_from_data on a batch; a resumed one the checkpoint's config, changing only RESUMABLE."""
+    cfg_cls, model_cls = MODELS[args.model]
+    meta, ckpt, path = splits['train']['meta'], None, os.path.join(args.out_dir, 'ckpt.pt')
+    if args.resume:
+        ckpt = read_checkpoint(path, f'train one with python train.py --model={args.model} --out_dir '
+                                     f'{args.out_dir}, or drop --resume')
+        if ckpt['model_type'] != args.model:
+            raise TrainError(f"{path} is a {ckpt['model_type']} checkpoint, not a {args.model}; "
+                             'use another --out_dir or --model')
+        if ckpt['data_key'] != data_key(meta, res):
+            raise TrainError(f"{path} was trained on data {ckpt['data_key']}, but --data {args.data} "
+                             f'--resolution {res} gives {data_key(meta, res)}')
+        changed = {k: v for k, v in overrides.items() if ckpt['config'].get(k) != v and k not in RESUMABLE}
+        if any(k in DATA_FIELDS for k in changed):
+            diff = ', '.join(f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in changed.items())
+            raise TrainError(f'{path} was trained with another tokenizer or text vocabulary ({diff})')
+        if changed:
+            was = ', '.join(f"--{k} {ckpt['config'].get(k)}" for k in changed)
+            raise TrainError(f'--resume keeps the config of the checkpoint, which was trained with {was}; drop '
+                             f'{", ".join("--" + k for k in changed)} or start a new --out_dir')
+    torch.manual_seed(args.seed)  # the initial weights (DDP then broadcasts rank 0's)
+    try:
+        if ckpt is not None:
+            model = model_cls.from_checkpoint(ckpt, use_ema=False)
+            model.config = dataclasses.replace(model.config, **{k: v for k, v in overrides.items() if k in RESUMABLE})
+            return model, ckpt
+        model = model_cls(cfg_cls(**overrides))
+        g = torch.Generator().manual_seed(args.seed)
+        model.init_from_data(*read_batch(splits['train'], torch.randint(len(splits['train']['clips']), (64,),
+                                                                        generator=g), res, 'cpu'))
+        return model, None
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def log(out_dir: str, rec: dict) -> None:
+    """One line for a person, and the same record in out_dir/log.jsonl."""
+    print(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()), flush=True)
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(rec) + '\n')
+
+
+def train(args, overrides):
+    # setup: flags, processes, device, dtype
+    check_args(args, MODELS[args.model][0](**overrides))
+    ddp, rank, world, local_rank, device = setup(args)
+    master, device_type, ctx = rank == 0, device.split(':')[0], autocast(device, args.dtype)
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
 
-    # data, and for a model that reads codes the tokenizer's, which also set the config's data fields
+    # data, and for a model that reads codes the tokenizer's; both set the config's data fields
     splits, res = load_data(args)
-    meta = splits['train']['meta']
-    tok = None
+    meta, tok = splits['train']['meta'], None
     if MODELS[args.model][1].reads == 'codes':
         tok, splits = encode_splits(args, splits, res, device, ctx, ddp, master)
     facts = dict(text_vocab=meta['text']['vocab_size'], text_len=meta['text_len'], pad_id=meta['text']['pad_id'])
@@ -447,17 +470,7 @@ def train(args, overrides):
     overrides = {**overrides, **{k: v for k, v in facts.items() if k in fields}}
 
     # model, from scratch or from the checkpoint
-    hint = f'train one with python train.py --model={args.model} --out_dir {args.out_dir}, or drop --resume'
-    ckpt = read_checkpoint(ckpt_path, hint) if args.resume else None
-    if ckpt is not None and ckpt['model_type'] != args.model:
-        raise TrainError(f"{ckpt_path} is a {ckpt['model_type']} checkpoint, not a {args.model}; "
-                         'use another --out_dir or --model')
-    if ckpt is not None and ckpt['data_key'] != data_key(meta, res):
-        raise TrainError(f"{ckpt_path} was trained on data {ckpt['data_key']}, but --data {args.data} "
-                         f'--resolution {res} gives {data_key(meta, res)}')
-    idx = torch.randint(len(splits['train']['clips']), (64,), generator=torch.Generator().manual_seed(args.seed))
-    first = None if ckpt is not None else read_batch(splits['train'], idx, res, 'cpu')  # for init_from_data
-    model = build_model(args, overrides, ckpt, first)
+    model, ckpt = build_model(args, overrides, splits, res)
     config = model.config
     args.min_lr = config.lr / 10 if args.min_lr is None else args.min_lr
     args.lr_decay_iters = config.max_iters if args.lr_decay_iters is None else args.lr_decay_iters
@@ -465,7 +478,7 @@ def train(args, overrides):
     if device_type == 'cpu':  # oneDNN's 3D convolutions run faster channels-last
         model = model.to(memory_format=torch.channels_last_3d)
 
-    # optimizer, EMA, compile, DDP
+    # optimizers, EMA, compile, DDP
     try:
         optimizers = model.configure_optimizers(device_type)
     except ValueError as e:
@@ -489,16 +502,11 @@ def train(args, overrides):
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
         print(f'{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, '
-              f'config {dataclasses.asdict(config)}')
-        print(f'training: {vars(args)}')
-        print(f'device {device}, dtype {args.dtype}, compile {args.compile}, world {world}, '
-              f'{config.batch_size * args.grad_accum * world} clips per step, from step {it}')
+              f'config {dataclasses.asdict(config)}\ntraining: {vars(args)}\ndevice {device}, dtype {args.dtype}, '
+              f'compile {args.compile}, world {world}, {config.batch_size * args.grad_accum * world} clips per '
+              f'step, from step {it}')
 
-    def log(rec):
-        print(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()), flush=True)
-        with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
-            f.write(json.dumps(rec) + '\n')
-
+    # evaluation, checkpoint and what a person looks at, on rank 0
     def evaluate_and_save(it):
         nonlocal best_val
         eval_model = ema if ema is not None else raw_model
@@ -506,7 +514,8 @@ def train(args, overrides):
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainError(f'validation loss is {losses} at step {it}; the last good checkpoint is {ckpt_path}')
         best_val = min(best_val, losses.get('val', float('inf')))
-        log(dict(iter=it, train_loss=losses.get('train'), val_loss=losses.get('val'), best_val_loss=best_val))
+        log(args.out_dir, dict(iter=it, train_loss=losses.get('train'), val_loss=losses.get('val'),
+                               best_val_loss=best_val))
         save_checkpoint(ckpt_path, dict(
             model_type=args.model, model=raw_model.state_dict(), optimizer=[o.state_dict() for o in optimizers],
             ema=None if ema is None else ema.state_dict(), config=dataclasses.asdict(config), args=vars(args),
@@ -528,8 +537,8 @@ def train(args, overrides):
         for micro in range(args.grad_accum):
             if ddp:  # sync gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == args.grad_accum - 1
-            x, ids = get_batch(splits['train'], (args.seed, 'train', it, micro), config.batch_size, rank, world, res,
-                               device)
+            x, ids = get_batch(splits['train'], (args.seed, 'train', it, micro), config.batch_size, rank, world,
+                               res, device)
             with ctx:
                 loss = model(x, ids, it)[1] / args.grad_accum
             scaler.scale(loss).backward()
@@ -554,8 +563,8 @@ def train(args, overrides):
                                  '(try a lower --lr or --dtype float32)')
             dt, t0 = (time.time() - t0) / args.log_interval, time.time()
             parts = {k: round(v.item(), 5) for k, v in raw_model.last_losses.items()}
-            log(dict(iter=it, loss=round(lossf, 5), lr=float(f'{lr:.3e}'), ms=round(dt * 1000, 1),
-                     clips_per_s=round(config.batch_size * args.grad_accum * world / dt, 1), **parts))
+            log(args.out_dir, dict(iter=it, loss=round(lossf, 5), lr=float(f'{lr:.3e}'), ms=round(dt * 1000, 1),
+                                   clips_per_s=round(config.batch_size * args.grad_accum * world / dt, 1), **parts))
     if master:
         evaluate_and_save(it)
     if ddp:  # tear down together: a rank that leaves while rank 0 still saves can abort in gloo's threads
