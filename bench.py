@@ -131,7 +131,7 @@ def bench_sample(model, x, ids, ctx, args, threads: str) -> dict:
     if model.kind != 'generator':
         raise SystemExit(f'bench.py: error: --sample times a generator; a {args.model} is a {model.kind}')
     model.eval()
-    settings = model.settings(**{k: getattr(args, k) for k in sample.SETTINGS})
+    settings = model.settings(**{k: getattr(args, k, None) for k in sample.SETTINGS})
 
     def timed(batch):
         t0 = time.perf_counter()

@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         if model.kind == 'codec':
             out = eval_codec(model, ckpt, args)
         else:
-            settings = model.settings(**{k: getattr(args, k) for k in sample.SETTINGS})
+            settings = model.settings(**{k: getattr(args, k, None) for k in sample.SETTINGS})
             tok = sample.tokenizer_of(model, ckpt, args.device)
             out = (eval_story if args.story else eval_generator)(model, tok, ckpt, args, settings)
             out['settings'] = dict(settings, seed=args.seed, dtype=args.dtype)

@@ -34,8 +34,9 @@ class SampleError(Exception):
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of SETTINGS (eval.py and bench.py take them too); unset, each is the model's default."""
-    g = p.add_argument_group("sampling settings (default: the model's; a flag of the other mode is an error)")
+    """The flags of SETTINGS (eval.py and bench.py take them too); a flag not given is not in args."""
+    g = p.add_argument_group("sampling settings (default: the model's; a flag of the other mode is an error)",
+                             argument_default=argparse.SUPPRESS)
     g.add_argument('--cfg', type=float, help='classifier-free guidance scale, 1 = none (ar and mask: 2)')
     g.add_argument('--temperature', type=float, help='sampling temperature, 0 = greedy (ar: 0.4, mask: 0.3)')
     g.add_argument('--top_k', type=int, help='ar: sample among the k most likely tokens')
@@ -134,8 +135,8 @@ def get_args(argv=None):
     p.add_argument('--story', default=None, help="prompts for consecutive windows, separated by '|' (needs --frames)")
     p.add_argument('--image', default=None, help='an image file used as the first frame (image to video)')
     p.add_argument('--num_samples', type=int, default=4, help='samples per prompt')
-    p.add_argument('--frames', type=int, default=None, help='frames per video, 1 + 4k (default: the training clip)')
-    p.add_argument('--context', type=int, default=None, help='latent frames kept between windows (default: half)')
+    p.add_argument('--frames', type=int, default=None, help='frames per video, 1 + 4k; None: the training clip')
+    p.add_argument('--context', type=int, default=None, help='latent frames kept between windows; None: half')
     p.add_argument('--turn_context', type=int, default=1,
                    help="latent frames kept where a story's prompt changes (fewer let the new prompt steer)")
     p.add_argument('--seed', type=int, default=0, help='seed: the same seed and flags give the same videos')
@@ -160,7 +161,7 @@ def run(args):
     args.device = train.auto_device(args.device)
     args.dtype = train.auto_dtype(args.dtype, args.device)
     model, tok, ckpt = load(args.ckpt, args.device)
-    settings = model.settings(**{k: getattr(args, k) for k in SETTINGS})  # checked, with the defaults filled in
+    settings = model.settings(**{k: getattr(args, k, None) for k in SETTINGS})  # checked, defaults filled in
     meta = ckpt['data_meta']
     t = model.config.grid[0]
     ft = tok.config.factors[0]
