@@ -183,7 +183,8 @@ def auto_dtype(dtype: str, device: str) -> str:
     if dtype != 'auto':
         return dtype
     device_type = device.split(':')[0]
-    if (device_type == 'cpu' and cpu_has_bf16()) or (device_type == 'cuda' and torch.cuda.is_bf16_supported()):
+    native_cuda = device_type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)  # not T4, V100
+    if (device_type == 'cpu' and cpu_has_bf16()) or native_cuda:
         return 'bfloat16'
     return 'float16' if device_type == 'cuda' else 'float32'
 

@@ -122,6 +122,14 @@ def test_auto_dtype_is_bfloat16_only_on_cpus_that_have_it(data, tmp_path, monkey
     assert ckpt['args']['dtype'] == ('bfloat16' if has_bf16 else 'float32')
 
 
+def test_auto_dtype_on_gpus_without_native_bfloat16_is_float16(monkeypatch):
+    # torch.cuda.is_bf16_supported() counts emulation by default: a T4 or V100 would get slow bfloat16
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: including_emulation)
+    assert train.auto_dtype('auto', 'cuda:0') == 'float16' and train.auto_dtype('bfloat16', 'cuda') == 'bfloat16'
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
+    assert train.auto_dtype('auto', 'cuda') == 'bfloat16'
+
+
 def test_compile_without_a_cpp_compiler_trains_eagerly(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train.shutil, 'which', lambda name: None)  # torch.compile on CPU needs g++ or clang++
     assert train.main(['--model=tokenizer', '--data', data, '--out_dir', str(tmp_path), '--max_iters', '1',
