@@ -411,6 +411,7 @@ class Tokenizer(nn.Module):
             loss = loss + self.gan_losses(x, rec, rec_loss, step)
         return (rec.squeeze(2) if image else rec), loss
 
+    @torch.compiler.disable  # double backward (the R1 penalty) does not run in a compiled graph: eager here
     def gan_losses(self, real, fake, rec_loss, step: int):
         """Discriminator and generator terms in one scalar. The generator's term goes through a copy of
         D with detached weights, and D's terms see the fake detached, so one backward gives each
