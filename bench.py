@@ -59,7 +59,7 @@ def get_args(argv=None):
     p.add_argument('--model', default='tokenizer', choices=list(train.MODELS), help='which model to time')
     p.add_argument('--frames', type=int, default=17, help='a model of pixels: frames per clip')
     p.add_argument('--resolution', type=int, default=32, help='a model of pixels: square frame size')
-    p.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, mps')
+    p.add_argument('--device', default='auto', help='auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'], help='autocast dtype')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
     p.add_argument('--iters', type=int, default=10, help='timed training steps')
@@ -69,6 +69,7 @@ def get_args(argv=None):
     train.add_config_flags(p, cfg_cls)
     sample.add_sampling_flags(p)
     args = p.parse_args(argv)
+    args.device = train.auto_device(args.device)
     return args, cfg_cls(**train.config_overrides(args, cfg_cls))
 
 
