@@ -396,6 +396,13 @@ class Tokenizer(nn.Module):
     def forward(self, x, text=None, step: int = 0):
         """Reconstruct x (B, 3, T, H, W) or (B, 3, H, W); the loss is reconstruction (+ quantizer terms, + GAN
         terms when training with step >= the starts). text is not read. Returns (reconstruction, loss)."""
+        if self.disc is not None and torch.is_grad_enabled():
+            return self.forward_gan(x, step)
+        rec, loss, _ = self.reconstruct(x)
+        return rec, loss
+
+    def reconstruct(self, x):
+        """(reconstruction, reconstruction + quantizer loss, (x, reconstruction and loss as videos))."""
         image = x.ndim == 4
         if image:
             x = x.unsqueeze(2)  # (B, 3, 1, H, W): an image is a one-frame video
@@ -403,15 +410,16 @@ class Tokenizer(nn.Module):
         rec = self.decoder(q)
         err = (rec.float() - x.float())
         rec_loss = err.abs().mean() if self.config.recon_loss == 'l1' else err.pow(2).mean()
-        loss = rec_loss + qloss
         # parts of the loss for the log; kept undetached: under torch.compile, storing a detached copy on
         # the module made the returned loss lose its gradient (torch 2.13)
         self.last_losses = {'rec': rec_loss}
-        if self.disc is not None and torch.is_grad_enabled():
-            loss = loss + self.gan_losses(x, rec, rec_loss, step)
-        return (rec.squeeze(2) if image else rec), loss
+        return (rec.squeeze(2) if image else rec), rec_loss + qloss, (x, rec, rec_loss)
 
-    @torch.compiler.disable  # double backward (the R1 penalty) does not run in a compiled graph: eager here
+    @torch.compiler.disable  # the GAN takes gradients inside forward, which a compiled graph cannot: eager
+    def forward_gan(self, x, step: int):
+        rec, loss, (x, full, rec_loss) = self.reconstruct(x)
+        return rec, loss + self.gan_losses(x, full, rec_loss, step)
+
     def gan_losses(self, real, fake, rec_loss, step: int):
         """Discriminator and generator terms in one scalar. The generator's term goes through a copy of
         D with detached weights, and D's terms see the fake detached, so one backward gives each
