@@ -175,6 +175,10 @@ def get_args(argv=None):
 
 def main(argv=None) -> int:
     args = get_args(argv)
+    for name in ('n', 'batch_size', 'n_prompts', 'samples_per_prompt'):
+        if getattr(args, name) < 1:
+            print(f'eval.py: error: --{name} must be at least 1, got {getattr(args, name)}', file=sys.stderr)
+            return 2
     args.device = train.auto_device(args.device)
     args.dtype = train.auto_dtype(args.dtype, args.device)
     try:

@@ -174,6 +174,11 @@ def run(args):
         raise SampleError(f'--context must be between 1 and {t - 1} latent frames, got {context}')
     if not 1 <= args.turn_context < t:
         raise SampleError(f'--turn_context must be between 1 and {t - 1} latent frames, got {args.turn_context}')
+    if args.num_samples < 1:
+        raise SampleError(f'--num_samples must be at least 1, got {args.num_samples}')
+    for flag in ('prompts', 'image'):
+        if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
+            raise SampleError(f'--{flag} {getattr(args, flag)} is not a file')
     prompts = [(p, [p]) for p in args.prompt]
     if args.prompts:
         with open(args.prompts) as f:

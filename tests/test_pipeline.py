@@ -184,6 +184,9 @@ def test_story_windows_keep_less_where_the_prompt_changes(turn_context, windows)
     (['--prompt', 'a red ball'] + ['--refine_cfg', '2'], 'refine_cfg is a setting of mask priors'),
     (['--ckpt', 'MASK', '--prompt', 'a red ball', '--refine_steps', '-1'], 'refine_steps must be >= 0'),
     ([], 'give --prompt, --prompts or --story'),
+    (['--prompt', 'a red ball', '--num_samples', '0'], '--num_samples must be at least 1'),
+    (['--prompt', 'a red ball', '--image', 'nowhere.png'], '--image nowhere.png is not a file'),
+    (['--prompts', 'nowhere.txt'], '--prompts nowhere.txt is not a file'),
 ])
 def test_sample_errors(run_dir, capsys, argv, words):
     paths = {'MASK': str(run_dir / 'mask' / 'ckpt.pt'), 'TOK': str(run_dir / 'tok' / 'ckpt.pt')}
@@ -202,6 +205,8 @@ def test_eval_prior_cli(run_dir, tmp_path, capsys):
     assert acc['settings']['refine_steps'] == 2 and acc['settings']['first_steps'] == 0  # recorded, not None
     code, log = run(capsys, eval_script, '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--refine_steps', '1')
     assert code == 2 and 'refine_steps is a setting of mask priors' in log and 'Traceback' not in log
+    code, log = run(capsys, eval_script, '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--samples_per_prompt', '0')
+    assert code == 2 and '--samples_per_prompt must be at least 1' in log
 
 
 @pytest.mark.parametrize('dtype, has_bf16, want', [('bfloat16', False, True), ('float32', True, False),
