@@ -146,7 +146,8 @@ class PriorConfig:
     prefix_prob: float = 0.5  # mask: share of training clips whose first 1 .. t-1 latent frames stay visible
     image_share: float = 2.0  # mask: first latent frames trained again alone, as images, per clip (0.5: half
     #                           the batch's; 2: each clip's twice, with other masks)
-    # the training recipe (train.py's defaults for a prior; a resumed run may change all but the optimizer)
+    # the training recipe (train.py's defaults for a prior; a resumed run may change lr, batch_size, max_iters, ema)
+    resolution: int = 32  # the clips' square size, which must be the tokenizer's (0 = the data's)
     optimizer: str = 'muon'  # muon: Muon for the blocks' matrices, AdamW for the rest; or adamw for all
     lr: float = 6e-3  # peak learning rate (Muon's steps are scaled to AdamW's size, so one lr fits both)
     weight_decay: float = 0.1  # on matrices and embeddings, not on biases, norms or positions

@@ -303,7 +303,8 @@ class TokenizerConfig:
     r1_weight: float = 0.1  # zero-centred gradient penalty on real clips
     lecam_weight: float = 0.001  # LeCAM regularisation of the discriminator
     lecam_decay: float = 0.99  # EMA decay of the discriminator outputs that LeCAM anchors to
-    # the training recipe (train.py's defaults for a tokenizer; a resumed run may change all but the optimizer)
+    # the training recipe (train.py's defaults for a tokenizer; a resumed run may change lr, batch_size, max_iters, ema)
+    resolution: int = 32  # train on clips area-downsampled to this square size (0 = the data's)
     optimizer: str = 'adamw'  # adamw (the only choice: Muon's orthogonal steps are for the prior's matrices)
     lr: float = 1e-3  # peak learning rate (2e-3 collapsed the codebook once: RESULTS.md)
     weight_decay: float = 0.0  # on convolution and linear weights
