@@ -41,11 +41,13 @@ from tqdm import tqdm
 
 import prepare_data
 import prior
+import superres
 import tokenizer
 
 MODELS = {  # --model -> (config class, model class)
     'tokenizer': (tokenizer.TokenizerConfig, tokenizer.Tokenizer),
     'prior': (prior.PriorConfig, prior.Prior),
+    'superres': (superres.SuperResConfig, superres.SuperRes),
 }
 DATA_FIELDS = ('vocab_size', 'grid', 'text_vocab', 'text_len', 'pad_id')  # config fields set from the data, not flags
 RESUMABLE = ('lr', 'batch_size', 'max_iters', 'ema')  # config fields that a resumed run may change
@@ -125,7 +127,6 @@ def get_args(argv=None):
     add('--model', default='tokenizer', choices=list(MODELS), help='which model to train')
     add('--data', default='data/shapes', help='dataset directory written by prepare_data.py')
     add('--out_dir', default=None, help='where checkpoints, logs and samples go (default out/<model>)')
-    add('--resolution', type=int, default=32, help='train at this square size (area-downsampled); 0 = the data size')
     add('--resume', action=on_off, default=False, help='continue from <out_dir>/ckpt.pt')
     add('--tokenizer', default='out/tokenizer/ckpt.pt', help='a model that reads codes: the tokenizer checkpoint')
     add('--grad_accum', type=int, default=1, help='micro-steps per optimizer step')
@@ -157,8 +158,8 @@ def check_args(args, config) -> None:
         raise TrainError(f'--lr must be positive, got {config.lr}')
     if not 0 <= config.ema < 1:
         raise TrainError(f'--ema must be in [0, 1), got {config.ema}')
-    if args.resolution < 0:
-        raise TrainError(f'--resolution must be 0 (the data size) or positive, got {args.resolution}')
+    if config.resolution < 0:
+        raise TrainError(f'--resolution must be 0 (the data size) or positive, got {config.resolution}')
 
 
 # -----------------------------------------------------------------------------
@@ -212,7 +213,7 @@ def read_checkpoint(path: str, hint: str = 'train one with python train.py') -> 
         raise TrainError(f'{path} holds no model this repo knows '
                          f'(model_type {ckpt.get("model_type") if isinstance(ckpt, dict) else None!r})')
     old = ckpt.get('args', {})
-    for k in ('optimizer', 'lr', 'weight_decay', 'batch_size', 'max_iters', 'ema'):
+    for k in ('optimizer', 'lr', 'weight_decay', 'batch_size', 'max_iters', 'ema', 'resolution'):
         if k in old:
             ckpt['config'].setdefault(k, old[k])
     if 'beta1' in old:
@@ -241,13 +242,14 @@ def data_key(meta: dict, res: int) -> dict:
 # -----------------------------------------------------------------------------
 # data: clips, or the codes of a frozen tokenizer, cached next to the data
 
-def load_data(args) -> tuple[dict, int]:
+def load_data(args, resolution: int) -> tuple[dict, int]:
+    """Both splits of --data, and the size the clips train at (resolution, or 0 for the data's)."""
     try:
         splits = {s: prepare_data.load_split(args.data, s) for s in ('train', 'val')}
     except (FileNotFoundError, ValueError) as e:
         raise TrainError(str(e)) from None
     meta = splits['train']['meta']
-    res = args.resolution or meta['size']
+    res = resolution or meta['size']
     if meta['size'] % res:
         raise TrainError(f"--resolution {res} must divide the data size {meta['size']}")
     if len(splits['train']['clips']) == 0:
@@ -369,10 +371,10 @@ def estimate_loss(model, splits: dict, args, batch_size: int, res: int, device: 
 
 @torch.no_grad()
 def preview(model, tok, x, ids, path: str, fps: float) -> None:
-    """A PNG of clips over what the model makes of them (a reconstruction, or samples for their captions) and a
-    GIF of the first one made."""
+    """A PNG of clips over what the model makes of them (samples for their captions, or what its forward makes
+    of them: a reconstruction, an upsampling of a smaller copy) and a GIF of the first one made."""
     g = torch.Generator(device=x.device).manual_seed(0)
-    made = model.sample(ids, x=None if model.kind == 'generator' else x, generator=g)
+    made = model.sample(ids, generator=g) if model.kind == 'generator' else model(x, ids)[0]
     if tok is not None:  # codes -> clips
         made, x = tok.decode(made), tok.decode(x)
     videos = prepare_data.to_uint8(torch.cat([x, made]))
@@ -408,17 +410,23 @@ def setup(args):
     return ddp, rank, world, local_rank, device
 
 
-def build_model(args, overrides: dict, splits: dict, res: int):
-    """The model and the checkpoint it resumes (None for a new run). A new model takes the config defaults and
-    flags, then init_from_data on a batch; a resumed one the checkpoint's config, changing only RESUMABLE."""
+def read_resumed(args) -> dict:
+    """The checkpoint in --out_dir that --resume continues."""
+    path = os.path.join(args.out_dir, 'ckpt.pt')
+    ckpt = read_checkpoint(path, f'train one with python train.py --model={args.model} --out_dir {args.out_dir}, '
+                                 'or drop --resume')
+    if ckpt['model_type'] != args.model:
+        raise TrainError(f"{path} is a {ckpt['model_type']} checkpoint, not a {args.model}; "
+                         'use another --out_dir or --model')
+    return ckpt
+
+
+def build_model(args, overrides: dict, splits: dict, res: int, ckpt: dict | None):
+    """A new model takes the config defaults and flags, then init_from_data on a batch; a resumed one the
+    checkpoint's config, changing only RESUMABLE."""
     cfg_cls, model_cls = MODELS[args.model]
-    meta, ckpt, path = splits['train']['meta'], None, os.path.join(args.out_dir, 'ckpt.pt')
-    if args.resume:
-        ckpt = read_checkpoint(path, f'train one with python train.py --model={args.model} --out_dir '
-                                     f'{args.out_dir}, or drop --resume')
-        if ckpt['model_type'] != args.model:
-            raise TrainError(f"{path} is a {ckpt['model_type']} checkpoint, not a {args.model}; "
-                             'use another --out_dir or --model')
+    meta, path = splits['train']['meta'], os.path.join(args.out_dir, 'ckpt.pt')
+    if ckpt is not None:
         if ckpt['data_key'] != data_key(meta, res):
             raise TrainError(f"{path} was trained on data {ckpt['data_key']}, but --data {args.data} "
                              f'--resolution {res} gives {data_key(meta, res)}')
@@ -435,12 +443,12 @@ def build_model(args, overrides: dict, splits: dict, res: int):
         if ckpt is not None:
             model = model_cls.from_checkpoint(ckpt, use_ema=False)
             model.config = dataclasses.replace(model.config, **{k: v for k, v in overrides.items() if k in RESUMABLE})
-            return model, ckpt
+            return model
         model = model_cls(cfg_cls(**overrides))
         g = torch.Generator().manual_seed(args.seed)
         model.init_from_data(*read_batch(splits['train'], torch.randint(len(splits['train']['clips']), (64,),
                                                                         generator=g), res, 'cpu'))
-        return model, None
+        return model
     except ValueError as e:
         raise TrainError(str(e)) from None
 
@@ -459,8 +467,11 @@ def train(args, overrides):
     master, device_type, ctx = rank == 0, device.split(':')[0], autocast(device, args.dtype)
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
 
-    # data, and for a model that reads codes the tokenizer's; both set the config's data fields
-    splits, res = load_data(args)
+    # data at the config's resolution (the checkpoint's on --resume), and for a model that reads codes the
+    # tokenizer's; both set the config's data fields
+    ckpt = read_resumed(args) if args.resume else None
+    resolution = ckpt['config']['resolution'] if ckpt else MODELS[args.model][0].resolution
+    splits, res = load_data(args, overrides.get('resolution', resolution))
     meta, tok = splits['train']['meta'], None
     if MODELS[args.model][1].reads == 'codes':
         tok, splits = encode_splits(args, splits, res, device, ctx, ddp, master)
@@ -471,7 +482,7 @@ def train(args, overrides):
     overrides = {**overrides, **{k: v for k, v in facts.items() if k in fields}}
 
     # model, from scratch or from the checkpoint
-    model, ckpt = build_model(args, overrides, splits, res)
+    model = build_model(args, overrides, splits, res, ckpt)
     config = model.config
     args.min_lr = config.lr / 10 if args.min_lr is None else args.min_lr
     args.lr_decay_iters = config.max_iters if args.lr_decay_iters is None else args.lr_decay_iters

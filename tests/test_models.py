@@ -15,13 +15,14 @@ import train
 TINY = {  # a model added to train.MODELS gets a tiny config here, and these tests check it
     'tokenizer': dict(channels=8, levels=(4, 3, 3)),
     'prior': dict(n_layer=1, n_embd=32, n_head=2, vocab_size=30, text_vocab=20, text_len=4, grid=(2, 2, 2), batch_size=2),
+    'superres': dict(channels=8, n_blocks=2, batch_size=2),
 }
 
 
 @pytest.mark.parametrize('name', list(train.MODELS))
 def test_interface(name, tmp_path):
     cfg_cls, model_cls = train.MODELS[name]
-    assert model_cls.reads in ('pixels', 'codes') and model_cls.kind in ('codec', 'generator')
+    assert model_cls.reads in ('pixels', 'codes') and model_cls.kind in ('codec', 'generator', 'upsampler')
     config = cfg_cls(**TINY[name])
     assert {'optimizer', 'lr', 'weight_decay', 'betas', 'batch_size', 'max_iters', 'ema'} <= set(vars(config))
     torch.manual_seed(0)
@@ -44,8 +45,14 @@ def test_interface(name, tmp_path):
                tmp_path / 'ckpt.pt')
     loaded = model_cls.from_checkpoint(torch.load(tmp_path / 'ckpt.pt', weights_only=True)).eval()
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
-    # a generator makes what it trains on from text; a codec reconstructs the x it is given
-    made = loaded.sample(ids, x=None if loaded.kind == 'generator' else x, generator=torch.Generator().manual_seed(0))
+    # a generator makes what it trains on from text; a codec reconstructs the x it is given; an upsampler makes x
+    # from a smaller copy
+    g = torch.Generator().manual_seed(0)
+    if loaded.kind == 'upsampler':
+        s = config.scale
+        made = loaded.sample(ids, x=torch.nn.functional.avg_pool3d(x, (1, s, s))[:, :, ::config.scale_t], generator=g)
+    else:
+        made = loaded.sample(ids, x=None if loaded.kind == 'generator' else x, generator=g)
     assert made.shape == x.shape and made.dtype == x.dtype
 
 
