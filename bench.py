@@ -58,7 +58,6 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--model', default='tokenizer', choices=list(train.MODELS), help='which model to time')
     p.add_argument('--frames', type=int, default=17, help='a model of pixels: frames per clip')
-    p.add_argument('--resolution', type=int, default=32, help='a model of pixels: square frame size')
     p.add_argument('--device', default='auto', help='auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'], help='autocast dtype')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
@@ -79,7 +78,8 @@ def fake_batch(model, config, args):
     if model.reads == 'codes':
         x = torch.randint(config.vocab_size, (B, *config.grid), device=args.device)
     else:
-        x = torch.rand(B, 3, args.frames, args.resolution, args.resolution, device=args.device) * 2 - 1
+        res = config.resolution or 64  # 0 is the data's size; shapes' is 64
+        x = torch.rand(B, 3, args.frames, res, res, device=args.device) * 2 - 1
     ids = torch.randint(getattr(config, 'text_vocab', 1), (B, getattr(config, 'text_len', 1)), device=args.device)
     return x, ids
 
@@ -129,24 +129,34 @@ def main(argv=None) -> dict:
 
 
 def bench_sample(model, x, ids, ctx, args, threads: str) -> dict:
-    if model.kind != 'generator':
-        raise SystemExit(f'bench.py: error: --sample times a generator; a {args.model} is a {model.kind}')
+    """Time sample(): a generator's from the caption ids (with sample.py's settings), or an upsampler's of the
+    clips made smaller by its factors (a video of --frames frames at resolution / scale, in time every other)."""
+    if model.kind == 'codec':
+        raise SystemExit(f'bench.py: error: --sample times a generator or an upsampler; a {args.model} is a codec')
     model.eval()
-    settings = model.settings(**{k: getattr(args, k, None) for k in sample.SETTINGS})
+    if model.kind == 'generator':
+        settings = model.settings(**{k: getattr(args, k, None) for k in sample.SETTINGS})
+        run = lambda B: model.sample(ids[:B], **settings)
+        unit, n = 'tokens', x[0].numel()
+    else:
+        s, settings = model.config.scale, {}
+        lo = torch.nn.functional.avg_pool3d(x, (1, s, s))[:, :, ::model.config.scale_t]
+        run = lambda B: model.sample(None, lo[:B])
+        unit, n = 'output pixels', x[0, 0].numel()
 
-    def timed(batch):
+    def timed(B):
         t0 = time.perf_counter()
         with ctx:
-            model.sample(batch, **settings)
+            run(B)
         synchronize(args.device)
         return time.perf_counter() - t0
 
-    timed(ids[:1])  # warm up
-    dt = min(timed(ids) for _ in range(3))  # best of 3: the machine is noisy
-    B, n = ids.shape[0], x[0].numel()
-    print(f'{args.model} sampling, {args.dtype}, batch {B}, {n} tokens per clip, settings {settings}, {threads}')
-    print(f'{dt:.2f} s, {dt / B:.3f} s per clip, {B * n / dt:.0f} tokens/s')
-    return dict(seconds=dt, tokens_per_s=B * n / dt)
+    timed(1)  # warm up
+    B = x.shape[0]
+    dt = min(timed(B) for _ in range(3))  # best of 3: the machine is noisy
+    print(f'{args.model} sampling, {args.dtype}, batch {B}, {n} {unit} per clip, settings {settings}, {threads}')
+    print(f'{dt:.3f} s, {dt / B:.3f} s per clip, {B * n / dt:.0f} {unit}/s')
+    return dict(seconds=dt, seconds_per_clip=dt / B, per_s=B * n / dt)
 
 
 if __name__ == '__main__':

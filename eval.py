@@ -4,6 +4,8 @@ Measure a trained model on the validation split.
     python eval.py --ckpt out/pipeline_tokenizer/ckpt.pt    # a codec: PSNR, SSIM, codebook use, shapes reader
     python eval.py --ckpt out/pipeline_ar/ckpt.pt           # a generator: caption accuracy of its videos (shapes)
     python eval.py --ckpt out/pipeline_ar/ckpt.pt --story 96      # ... of two-prompt stories, per segment
+    python eval.py --ckpt out/superres/ckpt.pt              # an upsampler: PSNR, SSIM against fixed upsamplings
+    python eval.py --ckpt out/pipeline_ar/ckpt.pt --superres out/superres/ckpt.pt   # caption accuracy after it
 
 A codec (the tokenizer) reconstructs --n validation clips: PSNR and SSIM (mean over clips), the share of the
 codebook in use, and, on shapes data, the share of reconstructions that the shapes reader reads back with the
@@ -69,6 +71,71 @@ def eval_codec(model, ckpt: dict, args) -> dict:
     return out
 
 
+def psnr(a, b):
+    """PSNR in dB of float clips (B, C, T, H, W) in [0, 1], per clip."""
+    return 10 * torch.log10(1 / (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10))
+
+
+def ssim_clips(a, b):
+    """Mean SSIM over the frames of float clips (B, C, T, H, W) in [0, 1], per clip."""
+    B, C, T, H, W = a.shape
+    frames = lambda v: v.float().transpose(1, 2).reshape(B * T, C, H, W)  # (B*T, C, H, W)
+    return ssim(frames(a), frames(b)).view(B, T).mean(1)
+
+
+def baselines(lo, scale: int, scale_t: int) -> dict:
+    """The fixed upsamplings an upsampler must beat, of lo (B, 3, t, h, w): in time, repeating each given frame and
+    the linear cross-fade between given frames; in space, bicubic (after the cross-fade when both)."""
+    out = {}
+    if scale_t > 1:
+        mid = (lo[:, :, 1:] + lo[:, :, :-1]) / 2
+        out['repeat'] = lo.repeat_interleave(2, 2)[:, :, :-1]
+        out['crossfade'] = torch.cat([torch.stack([lo[:, :, :-1], mid], 3).flatten(2, 3), lo[:, :, -1:]], 2)
+    if scale > 1:
+        def bicubic(v):
+            B, C, T, h, w = v.shape
+            up = F.interpolate(v.transpose(1, 2).reshape(B * T, C, h, w), scale_factor=scale, mode='bicubic',
+                               align_corners=False)
+            return up.view(B, T, C, h * scale, w * scale).transpose(1, 2).clamp(-1, 1)
+        out = {k: bicubic(v) for k, v in out.items()} or {'bicubic': bicubic(lo)}
+    return out
+
+
+@torch.no_grad()
+def eval_upsampler(model, ckpt: dict, args) -> dict:
+    """PSNR and SSIM of the upsampling of --n validation clips, area-downsampled (and every other frame kept, in
+    time), against the clips, and of the fixed baselines; in time on the frames between the given ones only.
+    On shapes data also the share of upsampled clips the reader reads as their original."""
+    c, val = model.config, prepare_data.load_split(args.data, 'val')
+    res, n = ckpt['data_key']['resolution'], min(args.n, len(val['clips']))
+    scores, same, valid, t0 = {}, 0, 0, time.time()
+    shapes = val['meta']['dataset'] == 'shapes'
+    for i in range(0, n, args.batch_size):
+        x, _ = prepare_data.get_batch(val, 0, res, idx=np.arange(i, min(n, i + args.batch_size)))
+        x = x[:, :, :x.shape[2] - (x.shape[2] + 1) % 2] if c.scale_t > 1 else x  # an odd number of frames
+        lo = F.avg_pool3d(x, (1, c.scale, c.scale)) if c.scale > 1 else x
+        lo = lo[:, :, ::c.scale_t].to(args.device)
+        with train.autocast(args.device, args.dtype):
+            made = {'model': model.sample(None, lo, noise=args.sr_noise).float().cpu()}
+        made.update({k: v.float().cpu() for k, v in baselines(lo.float(), c.scale, c.scale_t).items()})
+        between = slice(1, None, 2) if c.scale_t > 1 else slice(None)  # the frames that were not given
+        for name, v in made.items():
+            a, b = (x[:, :, between] + 1) / 2, (v[:, :, between] + 1) / 2
+            scores.setdefault(name, {'psnr': [], 'ssim': []})
+            scores[name]['psnr'] += psnr(a, b).tolist()
+            scores[name]['ssim'] += ssim_clips(a, b).tolist()
+        if shapes:
+            for o, r in zip(prepare_data.to_uint8(x), prepare_data.to_uint8(made['model'])):
+                ro, rr = prepare_data.read_clip(o), prepare_data.read_clip(r)
+                valid += ro['valid']
+                same += ro['valid'] and ro == rr
+    out = {name: {k: float(np.mean(v)) for k, v in s.items()} for name, s in scores.items()}
+    out.update(clips=n, seconds=round(time.time() - t0, 1), dtype=args.dtype, sr_noise=args.sr_noise)
+    if shapes:
+        out['reader_accuracy'] = same / max(valid, 1)
+    return out
+
+
 def shapes_only(ckpt: dict) -> None:
     if ckpt['data_meta']['dataset'] != 'shapes':
         raise train.TrainError('caption accuracy needs a model trained on shapes data, whose videos can be read back')
@@ -83,14 +150,20 @@ def eval_generator(model, tok, ckpt: dict, args, settings: dict) -> dict:
         pick = np.random.default_rng(args.seed).choice(len(combos), args.n_prompts, replace=False)
         combos = [combos[i] for i in pick]
     prompts = [prepare_data.caption(a) for a in combos for _ in range(args.samples_per_prompt)]
-    videos, g, t0 = [], torch.Generator(device=args.device).manual_seed(args.seed), time.time()
+    upsamplers = sample.load_upsamplers(args.superres, args.device)
+    videos, big, g, t0 = [], [], torch.Generator(device=args.device).manual_seed(args.seed), time.time()
     for i in range(0, len(prompts), args.batch_size):
         ids = sample.encode_prompts(prompts[i:i + args.batch_size], meta).to(args.device)
         with train.autocast(args.device, args.dtype):
             made = model.sample(ids, generator=g, **settings)
-            videos.append(prepare_data.to_uint8(made if tok is None else tok.decode(made)))
+            made = made if tok is None else tok.decode(made)
+            videos.append(prepare_data.to_uint8(made))
+            if upsamplers:
+                big.append(prepare_data.to_uint8(sample.upsample(made, upsamplers, g, args.sr_noise)))
     videos = np.concatenate(videos)
     out = {'all_prompts': prepare_data.caption_accuracy(videos, prompts)}
+    if upsamplers:  # the same videos after the upsamplers, read at their new size
+        out['superres'] = prepare_data.caption_accuracy(np.concatenate(big), prompts)
     holdout = prepare_data.parse_holdout(meta.get('holdout', ''))
     if holdout:
         held = np.array([prepare_data.is_held_out(prepare_data.parse_caption(p), holdout) for p in prompts])
@@ -168,6 +241,10 @@ def get_args(argv=None):
                    '(default: after one training clip; 0 = the even split of sample.py --story)')
     p.add_argument('--turn_context', type=int, default=1, help='generator: latent frames kept where the prompt '
                    'changes (as sample.py --turn_context)')
+    p.add_argument('--superres', action='append', default=[], help='generator: also measure its videos after this '
+                   'upsampler (repeatable, as sample.py --superres)')
+    p.add_argument('--sr_noise', type=float, default=0.0, help='upsampler: the noise level of its input (as '
+                   'sample.py --sr_noise)')
     sample.add_device_flags(p)
     sample.add_sampling_flags(p)
     return p.parse_args(argv)
@@ -187,6 +264,8 @@ def main(argv=None) -> int:
         args.data = args.data or ckpt['args']['data']
         if model.kind == 'codec':
             out = eval_codec(model, ckpt, args)
+        elif model.kind == 'upsampler':
+            out = eval_upsampler(model, ckpt, args)
         else:
             settings = model.settings(**{k: getattr(args, k, None) for k in sample.SETTINGS})
             tok = sample.tokenizer_of(model, ckpt, args.device)
@@ -196,11 +275,12 @@ def main(argv=None) -> int:
         print(f'eval.py: error: {e}', file=sys.stderr)
         return 2
     fmt = lambda d: ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in d.items())
-    if model.kind == 'codec':
-        print(f"{ckpt['model_type']} {args.ckpt} on {args.data} val: " + fmt(out))
-    else:
-        for k, v in out.items():
-            print(f'{k}: {fmt(v)}' if isinstance(v, dict) else f'{k}: {v:.3g}' if isinstance(v, float) else f'{k}: {v}')
+    indent = ''
+    if model.kind != 'generator':
+        print(f"{ckpt['model_type']} {args.ckpt} on {args.data} val:")
+        indent = '  '
+    for k, v in out.items():
+        print(f'{indent}{k}: ' + (fmt(v) if isinstance(v, dict) else f'{v:.4g}' if isinstance(v, float) else f'{v}'))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(out, f, indent=1)

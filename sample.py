@@ -1,9 +1,10 @@
 """
-Text to video: prompt -> text ids -> a generator's sample -> the tokenizer's decoder (for a model of codes) -> files.
+Text to video: prompt -> ids -> a generator -> the tokenizer's decoder (for codes) -> upsamplers -> files.
 
     python sample.py --ckpt out/pipeline_ar/ckpt.pt --prompt "a big red circle moving left" --num_samples 8 --seed 0
     python sample.py --ckpt out/pipeline_ar/ckpt.pt --frames 33 --story "a red ball moving left|a red ball moving up"
     python sample.py --ckpt out/pipeline_ar/ckpt.pt --prompt "a blue box moving down" --image first_frame.png
+    python sample.py --ckpt out/pipeline_ar/ckpt.pt --prompt "a red ball moving up" --superres out/superres/ckpt.pt
 
 Writes, per prompt, a GIF (and MP4) and a raw .npy (T, H, W, 3) uint8 per sample, a PNG contact sheet (a row
 per sample), and one line per sample in samples.jsonl (file, prompt, seed, settings), so every sample can be
@@ -12,6 +13,7 @@ frames, keeping --context latent frames of the last window; a story gives each w
 """
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -63,8 +65,29 @@ def load(path: str, device: str):
     model = train.load_model(ckpt, device)
     if model.kind != 'generator':
         raise SampleError(f"{path} is a {ckpt['model_type']} checkpoint; sampling needs a generator such as a prior "
-                          '(python train.py --model=prior)')
+                          '(python train.py --model=prior)' + ('; an upsampler goes to --superres'
+                                                               if model.kind == 'upsampler' else ''))
     return model, tokenizer_of(model, ckpt, device), ckpt
+
+
+def load_upsamplers(paths: list[str], device: str) -> list:
+    """The upsamplers of --superres, in the order they apply."""
+    models = []
+    for path in paths:
+        ckpt = train.read_checkpoint(path, 'train one with python train.py --model=superres')
+        model = train.load_model(ckpt, device)
+        if model.kind != 'upsampler':
+            raise SampleError(f"--superres {path} is a {ckpt['model_type']} checkpoint, not an upsampler "
+                              '(python train.py --model=superres)')
+        models.append(model)
+    return models
+
+
+def upsample(videos, upsamplers: list, generator=None, noise: float = 0.0):
+    """videos (B, 3, T, H, W) through each upsampler in turn (space, time, or one after the other)."""
+    for sr in upsamplers:
+        videos = sr.sample(None, videos, generator=generator, noise=noise)
+    return videos
 
 
 def tokenizer_of(model, ckpt: dict, device: str):
@@ -142,6 +165,10 @@ def get_args(argv=None):
     p.add_argument('--seed', type=int, default=0, help='seed: the same seed and flags give the same videos')
     p.add_argument('--out', default='samples', help='output directory')
     p.add_argument('--no_mp4', action='store_true', help='skip the MP4 files')
+    p.add_argument('--superres', action='append', default=[], help='an upsampler checkpoint (train.py '
+                   '--model=superres) applied to the videos; give it twice to chain space and time')
+    p.add_argument('--sr_noise', type=float, default=0.0, help="noise level of the upsamplers' input (their noise "
+                   'conditioning augmentation; 0 = none)')
     add_device_flags(p)
     add_sampling_flags(p)
     return p.parse_args(argv)
@@ -161,6 +188,7 @@ def run(args):
     args.device = train.auto_device(args.device)
     args.dtype = train.auto_dtype(args.dtype, args.device)
     model, tok, ckpt = load(args.ckpt, args.device)
+    upsamplers = load_upsamplers(args.superres, args.device)
     settings = model.settings(**{k: getattr(args, k, None) for k in SETTINGS})  # checked, defaults filled in
     meta = ckpt['data_meta']
     t = model.config.grid[0]
@@ -194,7 +222,8 @@ def run(args):
         img = prepare_data.resize_crop(img, ckpt['data_key']['resolution'])  # (1, res, res, 3)
         x = tok.encode(prepare_data.to_model(img[None])[:, :, 0].to(args.device))  # (1, 1, h, w)
     record = dict(settings, frames=frames, context=context, turn_context=args.turn_context, ckpt=args.ckpt,
-                  image=args.image, dtype=args.dtype)
+                  image=args.image, dtype=args.dtype, superres=args.superres, sr_noise=args.sr_noise)
+    fps = meta['fps'] * math.prod(sr.config.scale_t for sr in upsamplers)
     n_latent = 1 + (frames - 1) // ft
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'samples.jsonl'), 'a') as manifest:
@@ -207,9 +236,9 @@ def run(args):
                 given = None if x is None else x.repeat(args.num_samples, 1, 1, 1)
                 codes = sample_long(model, ids, n_latent, context, given, generator=g,
                                     turn_context=args.turn_context, **settings)
-                videos = prepare_data.to_uint8(tok.decode(codes))  # (n, T, H, W, 3)
+                videos = prepare_data.to_uint8(upsample(tok.decode(codes), upsamplers, g, args.sr_noise))
             dt = (time.time() - t0) / args.num_samples
-            write(args, videos, prompt, meta['fps'], [dict(prompt=prompt, windows=windows, seed=args.seed + i, index=k,
+            write(args, videos, prompt, fps, [dict(prompt=prompt, windows=windows, seed=args.seed + i, index=k,
                                                            **record) for k in range(len(videos))], manifest)
             print(f'{prompt!r}: {args.num_samples} videos of {videos.shape[1]} frames, {dt:.2f} s per video '
                   f'-> {args.out}/{slug(prompt)}_*')
