@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The whole CPU pipeline on shapes, from nothing to prompt-following videos and their caption accuracy:
+# The whole CPU pipeline on shapes, from nothing to prompt-following 64x64 videos and their caption accuracy:
 #
 #     bash pipeline.sh         # the autoregressive prior (ar)
-#     bash pipeline.sh mask    # the masked prior; reuses the data and the tokenizer of an earlier run
+#     bash pipeline.sh mask    # the masked prior; reuses the data, tokenizer and upsampler of an earlier run
 #
 # Each step is a plain command you can also run alone. Re-running continues: the data is reused and an
 # interrupted training resumes from its last checkpoint. The prior's data holds out green triangles and
-# small cyan shapes, so eval.py also measures compositional generalisation on them. The tokenizer is a
-# codec that never reads a caption: it trains on every combination (TOK_DATA), so it can draw them all.
+# small cyan shapes, so eval.py also measures compositional generalisation on them. The tokenizer and the
+# upsampler never read a caption: they train on every combination (TOK_DATA), so they can draw them all.
+# The prior makes 32x32 videos and the upsampler (superres.py) turns them into 64x64 ones.
 # Extra flags per step come from the environment, e.g. PRIOR_FLAGS="--n_layer 8" bash pipeline.sh;
 # DATA, TOK_DATA and OUT move the data and the checkpoints (default data/shapes_holdout, data/shapes, out).
 # The prior's training step is compiled (--compile, 6 % faster on CPU; train.py trains eagerly if no C++
@@ -22,6 +23,7 @@ DATA=${DATA:-data/shapes_holdout}
 TOK_DATA=${TOK_DATA:-data/shapes}
 OUT=${OUT:-out}
 TOK=$OUT/pipeline_tokenizer
+SR=$OUT/pipeline_superres
 PRIOR=$OUT/pipeline_$MODE
 SECONDS=0
 
@@ -40,11 +42,14 @@ step data python prepare_data.py --out "$DATA" --holdout "green triangle,small c
 step tokenizer_data python prepare_data.py --out "$TOK_DATA" ${DATA_FLAGS:-}
 step tokenizer python train.py --model=tokenizer --data "$TOK_DATA" --out_dir "$TOK" --max_iters 2000 \
     $(resume "$TOK") ${TOK_FLAGS:-}
+step superres python train.py --model=superres --data "$TOK_DATA" --out_dir "$SR" $(resume "$SR") ${SR_FLAGS:-}
 step prior python train.py --model=prior --mode=$MODE --data "$DATA" --tokenizer "$TOK/ckpt.pt" --out_dir "$PRIOR" \
     --max_iters 2500 --compile $(resume "$PRIOR") ${PRIOR_FLAGS:-}
-step samples python sample.py --ckpt "$PRIOR/ckpt.pt" --out "$PRIOR/samples" --num_samples 4 --no_mp4 \
+step samples python sample.py --ckpt "$PRIOR/ckpt.pt" --superres "$SR/ckpt.pt" --out "$PRIOR/samples" \
+    --num_samples 4 --no_mp4 \
     --prompt "a big red circle moving left" --prompt "a small blue square moving up" \
     --prompt "a big yellow cross moving right" --prompt "a small magenta triangle moving down" \
     --prompt "a big green triangle moving left" --prompt "a small cyan circle moving down" ${SAMPLE_FLAGS:-}
-step accuracy python eval.py --ckpt "$PRIOR/ckpt.pt" --samples_per_prompt 1 --json "$PRIOR/accuracy.json" ${EVAL_FLAGS:-}
+step accuracy python eval.py --ckpt "$PRIOR/ckpt.pt" --superres "$SR/ckpt.pt" --samples_per_prompt 1 \
+    --json "$PRIOR/accuracy.json" ${EVAL_FLAGS:-}
 echo "done in $((SECONDS / 60)) min $((SECONDS % 60)) s: videos in $PRIOR/samples, accuracy in $PRIOR/accuracy.json"

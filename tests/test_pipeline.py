@@ -282,12 +282,15 @@ def test_pipeline_script(tmp_path):
                DATA_FLAGS='--n_train 24 --n_val 8 --size 32',
                TOK_FLAGS='--max_iters 2 --channels 8 --batch_size 2 --eval_iters 1 --dtype float32',
                PRIOR_FLAGS='--max_iters 2 ' + ' '.join(PRIOR), SAMPLE_FLAGS='--num_samples 1 --steps 2',
+               SR_FLAGS='--max_iters 2 --channels 8 --n_blocks 1 --batch_size 2 --eval_iters 1 --dtype float32',
                EVAL_FLAGS='--n_prompts 4 --steps 2')
     r = subprocess.run(['bash', os.path.join(ROOT, 'pipeline.sh'), 'mask'], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     out = tmp_path / 'out' / 'pipeline_mask'
     assert json.load(open(out / 'accuracy.json'))['all_prompts']['n'] == 4
     assert len([f for f in os.listdir(out / 'samples') if f.endswith('.gif')]) == 6
+    assert np.load(out / 'samples' / 'a_big_red_circle_moving_left_0.npy').shape == (17, 64, 64, 3)  # upsampled
+    assert json.load(open(out / 'accuracy.json'))['superres']['n'] == 4
     assert 'done in' in r.stdout
     # the tokenizer learns every combination; the prior only the data with combinations held out
     tok = torch.load(tmp_path / 'out' / 'pipeline_tokenizer' / 'ckpt.pt', weights_only=True)
@@ -297,6 +300,6 @@ def test_pipeline_script(tmp_path):
     # a second run reuses the data and resumes both trainings at their end
     r = subprocess.run(['bash', os.path.join(ROOT, 'pipeline.sh'), 'mask'], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count('--resume') == 2 and 'from step 2' in r.stdout
+    assert r.stdout.count('--resume') == 3 and 'from step 2' in r.stdout
     r = subprocess.run(['bash', os.path.join(ROOT, 'pipeline.sh'), 'gpt'], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 2 and 'usage' in r.stderr
