@@ -13,6 +13,8 @@ It trains on pairs it cuts from the clips it is given: the clip is the target, a
 area-downsampled (every other frame, for time), blurred by a random amount and noised by a random amount whose
 level is an input of the network (Imagen's noise conditioning augmentation), so that a generator's imperfect
 videos upsample as cleanly as real ones. Sampling can name a noise level too: noise is then added to the input.
+With augment, each training clip is also flipped, transposed and reversed in time at random, which a small
+folder of real footage needs (RESULTS.md has the figures).
 
 References:
 - Make-A-Video: https://arxiv.org/abs/2209.14792        - Imagen Video: https://arxiv.org/abs/2210.02303

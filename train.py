@@ -3,6 +3,7 @@ One training loop for every model, nanoGPT style.
 
     python train.py --model=tokenizer                                     # single process, CPU or GPU
     python train.py --model=prior --mode=mask --tokenizer out/tokenizer/ckpt.pt
+    python train.py --model=superres --data data/shapes                 # 32x32 -> 64x64 (--scale_t 2: in time)
     torchrun --standalone --nproc_per_node=2 train.py --model=tokenizer   # DDP (Gloo on CPU, NCCL on GPU)
 
 Flags named like a model's config fields (`--channels`, `--levels 8,5,5,5`, `--lr`) set that field, and the
@@ -10,7 +11,8 @@ config's defaults are the model's CPU recipe: `python train.py --model=prior --h
 file has the same small interface, so a new model is a row in MODELS:
     XConfig                  a dataclass: the architecture, then the recipe (optimizer, lr, batch_size, max_iters, ema)
     X.reads                  'pixels' (clips) or 'codes' (a frozen tokenizer's, encoded once and cached here)
-    X.kind                   'codec' (sample reconstructs x) or 'generator' (sample makes videos from text)
+    X.kind                   'codec' (sample reconstructs x), 'generator' (sample makes videos from text) or
+                             'upsampler' (sample enlarges the video x; forward makes its own smaller input)
     X.from_checkpoint(ckpt)  the trained model, with any backward compatibility it needs
     init_from_data(x, text)  checks that a batch of the data fits, and any data-dependent start
     forward(x, text, step)   -> (out, loss); the model draws its own masks, noise or dropout
