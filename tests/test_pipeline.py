@@ -32,16 +32,6 @@ def run_dir(tmp_path_factory):
     return d
 
 
-def run(capsys, script, *argv):
-    """A script's main in this process: (exit code, what it printed)."""
-    try:
-        code = script.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
 def test_prior_checkpoint_carries_tokenizer_and_codes_are_cached(run_dir):
     ckpt = torch.load(run_dir / 'ar' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_type'] == 'prior' and ckpt['config']['grid'] == (5, 8, 8)
@@ -67,7 +57,7 @@ def old_format(ckpt: dict) -> dict:
     return old
 
 
-def test_checkpoints_from_before_load_sample_and_resume(run_dir, tmp_path, capsys):
+def test_checkpoints_from_before_load_sample_and_resume(run_dir, tmp_path, run):
     for name in ('tok', 'ar', 'mask'):
         torch.save(old_format(torch.load(run_dir / name / 'ckpt.pt', weights_only=True)), tmp_path / f'{name}.pt')
     old = train.load_model(train.read_checkpoint(str(tmp_path / 'ar.pt')), 'cpu')
@@ -75,7 +65,7 @@ def test_checkpoints_from_before_load_sample_and_resume(run_dir, tmp_path, capsy
     assert old.config.rope is False and torch.all(old.rope_sin == 0)  # trained before rotary positions: none
     text, codes = torch.ones(1, old.config.text_len, dtype=torch.long), torch.zeros(1, *old.config.grid, dtype=torch.long)
     assert not torch.allclose(old(codes, text)[0], new(codes, text)[0])
-    code, log = run(capsys, sample, '--ckpt', str(tmp_path / 'mask.pt'), '--prompt', 'a red ball moving up',
+    code, log = run(sample, '--ckpt', str(tmp_path / 'mask.pt'), '--prompt', 'a red ball moving up',
                     '--num_samples', '1', '--out', str(tmp_path / 's'), '--no_mp4')
     assert code == 0, log
     os.makedirs(tmp_path / 'resume')
@@ -86,7 +76,7 @@ def test_checkpoints_from_before_load_sample_and_resume(run_dir, tmp_path, capsy
     assert torch.load(tmp_path / 'resume' / 'ckpt.pt', weights_only=True)['iter_num'] == 3
 
 
-def test_muon_resume_is_exact_and_keeps_its_optimizer(run_dir, tmp_path, capsys):
+def test_muon_resume_is_exact_and_keeps_its_optimizer(run_dir, tmp_path, run):
     common = ['--model=prior', '--mode=mask', '--data', str(run_dir / 'shapes'), '--tokenizer', str(run_dir / 'tok' / 'ckpt.pt'),
               '--lr_decay_iters', '4', '--warmup_iters', '1', '--eval_interval', '100', *PRIOR]
     assert train.main([*common, '--out_dir', str(tmp_path / 'a'), '--max_iters', '4']) == 0
@@ -96,17 +86,17 @@ def test_muon_resume_is_exact_and_keeps_its_optimizer(run_dir, tmp_path, capsys)
     assert b['iter_num'] == 4
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
-    code, log = run(capsys, train, *common, '--optimizer', 'adamw', '--out_dir', str(tmp_path / 'b'), '--max_iters', '6',
+    code, log = run(train, *common, '--optimizer', 'adamw', '--out_dir', str(tmp_path / 'b'), '--max_iters', '6',
                     '--resume')
     assert code == 2 and 'trained with --optimizer muon; drop --optimizer' in log and 'Traceback' not in log
 
 
 @pytest.mark.parametrize('mode', ['ar', 'mask'])
-def test_sample_cli(run_dir, mode, tmp_path, capsys):
+def test_sample_cli(run_dir, mode, tmp_path, run):
     out = tmp_path / 's'
     argv = ['--ckpt', str(run_dir / mode / 'ckpt.pt'), '--prompt', 'a big red circle moving left', '--num_samples', '2',
             '--seed', '1']
-    code, log = run(capsys, sample, *argv, '--out', str(out), *(['--steps', '4'] if mode == 'mask' else []))
+    code, log = run(sample, *argv, '--out', str(out), *(['--steps', '4'] if mode == 'mask' else []))
     assert code == 0, log
     assert 's per video' in log
     for f in ('a_big_red_circle_moving_left_0.gif', 'a_big_red_circle_moving_left_1.mp4',
@@ -122,16 +112,16 @@ def test_sample_cli(run_dir, mode, tmp_path, capsys):
     else:
         assert (rec[0]['first_steps'], rec[0]['refine_steps'], rec[0]['refine_cfg']) == (1, 2, 1.0)  # a third of 4
     # the same seed reproduces the same video
-    code, _ = run(capsys, sample, *argv, '--out', str(tmp_path / 's2'), '--no_mp4', *(['--steps', '4'] if mode == 'mask'
+    code, _ = run(sample, *argv, '--out', str(tmp_path / 's2'), '--no_mp4', *(['--steps', '4'] if mode == 'mask'
                                                                                    else []))
     assert code == 0 and np.array_equal(v, np.load(tmp_path / 's2' / 'a_big_red_circle_moving_left_0.npy'))
 
 
-def test_long_story_and_image(run_dir, tmp_path, capsys):
+def test_long_story_and_image(run_dir, tmp_path, run):
     img = tmp_path / 'first.png'
     first = prepare_data.render_shapes(prepare_data.sample_shapes(1, 64, 2, np.random.default_rng(0)), 64)[0, 0]
     iio.imwrite(img, first)
-    code, log = run(capsys, sample, '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story',
+    code, log = run(sample, '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--story',
                     'a red circle moving left|a red circle moving up', '--frames', '33', '--num_samples', '1',
                     '--out', str(tmp_path / 'o'), '--no_mp4', '--image', str(img))
     assert code == 0, log
@@ -139,7 +129,7 @@ def test_long_story_and_image(run_dir, tmp_path, capsys):
     assert len(npys) == 1 and np.load(tmp_path / 'o' / npys[0]).shape == (33, 32, 32, 3)
     rec = json.loads(open(tmp_path / 'o' / 'samples.jsonl').readline())
     assert rec['windows'][0] == 'a red circle moving left' and rec['windows'][-1] == 'a red circle moving up'
-    code, log = run(capsys, sample, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--prompt', 'a red circle moving left',
+    code, log = run(sample, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--prompt', 'a red circle moving left',
                     '--num_samples', '1', '--steps', '3', '--out', str(tmp_path / 'm'), '--no_mp4', '--image', str(img))
     assert code == 0, log
 
@@ -188,30 +178,30 @@ def test_story_windows_keep_less_where_the_prompt_changes(turn_context, windows)
     (['--prompt', 'a red ball', '--image', 'nowhere.png'], '--image nowhere.png is not a file'),
     (['--prompts', 'nowhere.txt'], '--prompts nowhere.txt is not a file'),
 ])
-def test_sample_errors(run_dir, capsys, argv, words):
+def test_sample_errors(run_dir, run, argv, words):
     paths = {'MASK': str(run_dir / 'mask' / 'ckpt.pt'), 'TOK': str(run_dir / 'tok' / 'ckpt.pt')}
     argv = [paths.get(a, a) for a in (argv if '--ckpt' in argv else ['--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), *argv])]
-    code, log = run(capsys, sample, *argv, '--out', str(run_dir / 'err'))
+    code, log = run(sample, *argv, '--out', str(run_dir / 'err'))
     assert code == 2 and words in log and 'Traceback' not in log, log
 
 
-def test_eval_prior_cli(run_dir, tmp_path, capsys):
-    code, log = run(capsys, eval_script, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--n_prompts', '3',
+def test_eval_prior_cli(run_dir, tmp_path, run):
+    code, log = run(eval_script, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--n_prompts', '3',
                     '--samples_per_prompt', '1', '--steps', '2', '--json', str(tmp_path / 'acc.json'))
     assert code == 0, log
     acc = json.load(open(tmp_path / 'acc.json'))
     assert acc['all_prompts']['n'] == 3 and 0 <= acc['all_prompts']['all'] <= 1
     assert 'invalid' in acc['all_prompts'] and 'seconds_per_video' in acc
     assert acc['settings']['refine_steps'] == 2 and acc['settings']['first_steps'] == 0  # recorded, not None
-    code, log = run(capsys, eval_script, '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--refine_steps', '1')
+    code, log = run(eval_script, '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--refine_steps', '1')
     assert code == 2 and 'refine_steps is a setting of mask priors' in log and 'Traceback' not in log
-    code, log = run(capsys, eval_script, '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--samples_per_prompt', '0')
+    code, log = run(eval_script, '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--samples_per_prompt', '0')
     assert code == 2 and '--samples_per_prompt must be at least 1' in log
 
 
 @pytest.mark.parametrize('dtype, has_bf16, want', [('bfloat16', False, True), ('float32', True, False),
                                                    ('auto', True, True), ('auto', False, False)])
-def test_eval_autocasts_the_sampler_as_train_does(run_dir, tmp_path, monkeypatch, capsys, dtype, has_bf16, want):
+def test_eval_autocasts_the_sampler_as_train_does(run_dir, tmp_path, monkeypatch, run, dtype, has_bf16, want):
     import prior
     seen, sample_fn = [], prior.Prior.sample
 
@@ -220,7 +210,7 @@ def test_eval_autocasts_the_sampler_as_train_does(run_dir, tmp_path, monkeypatch
         return sample_fn(self, *a, **k)
     monkeypatch.setattr(prior.Prior, 'sample', spy)
     monkeypatch.setattr(train, 'cpu_has_bf16', lambda: has_bf16)  # auto: bfloat16 only where it is native
-    code, log = run(capsys, eval_script, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--n_prompts', '2',
+    code, log = run(eval_script, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--n_prompts', '2',
                     '--samples_per_prompt', '1', '--steps', '2', '--dtype', dtype, '--device', 'cpu',
                     '--json', str(tmp_path / 'acc.json'))
     assert code == 0, log
@@ -228,14 +218,14 @@ def test_eval_autocasts_the_sampler_as_train_does(run_dir, tmp_path, monkeypatch
     assert json.load(open(tmp_path / 'acc.json'))['settings']['dtype'] == ('bfloat16' if want else 'float32')
 
 
-def test_prior_without_tokenizer_is_a_clear_error(run_dir, tmp_path, capsys):
-    code, log = run(capsys, train, '--model=prior', '--data', str(run_dir / 'shapes'), '--tokenizer',
+def test_prior_without_tokenizer_is_a_clear_error(run_dir, tmp_path, run):
+    code, log = run(train, '--model=prior', '--data', str(run_dir / 'shapes'), '--tokenizer',
                     str(tmp_path / 'no.pt'), '--out_dir', str(tmp_path / 'p'), '--max_iters', '1')
     assert code == 2 and 'no checkpoint at' in log and '--model=tokenizer' in log
 
 
-def test_eval_seen_and_held_out(run_dir, capsys):
-    code, log = run(capsys, eval_script, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--samples_per_prompt', '1',
+def test_eval_seen_and_held_out(run_dir, run):
+    code, log = run(eval_script, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--samples_per_prompt', '1',
                     '--steps', '1', '--first_steps', '0', '--refine_steps', '0', '--batch_size', '96', '--json',
                     str(run_dir / 'all.json'))
     assert code == 0, log
@@ -246,22 +236,22 @@ def test_eval_seen_and_held_out(run_dir, capsys):
     assert acc(out['seen']) + acc(out['held_out']) == pytest.approx(acc(out['all_prompts']))
 
 
-def test_eval_story_cli(run_dir, tmp_path, capsys):
+def test_eval_story_cli(run_dir, tmp_path, run):
     ar = str(run_dir / 'ar' / 'ckpt.pt')
-    code, log = run(capsys, eval_script, '--ckpt', ar, '--story', '2', '--json', str(tmp_path / 's.json'))
+    code, log = run(eval_script, '--ckpt', ar, '--story', '2', '--json', str(tmp_path / 's.json'))
     assert code == 0, log
     out = json.load(open(tmp_path / 's.json'))
     # 65 frames = 17 latent frames in windows of 5 keeping 3 (1 where the prompt changes); the second prompt
     # from the second window on
     assert out['frames'] == 65 and out['segment_frames'] == [[0, 17], [17, 65]]
     assert out['segment_1']['n'] == 2 and out['segment_2']['n'] == 2
-    code, log = run(capsys, eval_script, '--ckpt', ar, '--story', '1', '--story_cut', '0', '--json', str(tmp_path / 's.json'))
+    code, log = run(eval_script, '--ckpt', ar, '--story', '1', '--story_cut', '0', '--json', str(tmp_path / 's.json'))
     assert code == 0, log  # the even split of sample.py --story: the last 3 windows for the second prompt
     assert json.load(open(tmp_path / 's.json'))['segment_frames'] == [[0, 41], [41, 65]]
     for argv, words in ((['--story_cut', '20'], 'one of [17, 25, 33, 41, 49, 57]'),
                         (['--story_frames', '49', '--story_cut', '41'], 'fewer than 17 frames'),
                         (['--turn_context', '5'], '--turn_context must be between 1 and 4')):
-        code, log = run(capsys, eval_script, '--ckpt', ar, '--story', '1', *argv)
+        code, log = run(eval_script, '--ckpt', ar, '--story', '1', *argv)
         assert code == 2 and words in log and 'Traceback' not in log, log
 
 

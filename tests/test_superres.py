@@ -139,21 +139,12 @@ def runs(tmp_path_factory):
     return d
 
 
-def run(capsys, script, *argv):
-    try:
-        code = script.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
-def test_train_sample_eval(runs, tmp_path, capsys):
+def test_train_sample_eval(runs, tmp_path, run):
     ckpt = torch.load(runs / 'space' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_type'] == 'superres' and ckpt['data_key']['resolution'] == 32  # the data's size: 0
     assert os.path.exists(runs / 'space' / 'sample_000002.png')
     # a prior's 16x16 videos through space x2 and time x2: 32x32, 9 -> 17 frames, and the GIF at twice the fps
-    code, log = run(capsys, sample, '--ckpt', str(runs / 'ar' / 'ckpt.pt'), '--prompt', 'a red ball moving up',
+    code, log = run(sample, '--ckpt', str(runs / 'ar' / 'ckpt.pt'), '--prompt', 'a red ball moving up',
                     '--num_samples', '1', '--out', str(tmp_path / 's'), '--superres', str(runs / 'space' / 'ckpt.pt'),
                     '--superres', str(runs / 'time' / 'ckpt.pt'), '--sr_noise', '0.05', '--no_mp4')
     assert code == 0, log
@@ -162,13 +153,13 @@ def test_train_sample_eval(runs, tmp_path, capsys):
     assert rec['superres'] == [str(runs / 'space' / 'ckpt.pt'), str(runs / 'time' / 'ckpt.pt')] and rec['sr_noise'] == 0.05
     assert iio.immeta(tmp_path / 's' / 'a_red_ball_moving_up_0.gif')['duration'] == pytest.approx(1000 / 16, abs=5)  # GIF: 10 ms
     for name, baseline in (('space', 'bicubic'), ('time', 'crossfade')):
-        code, log = run(capsys, eval_script, '--ckpt', str(runs / name / 'ckpt.pt'), '--n', '4', '--json',
+        code, log = run(eval_script, '--ckpt', str(runs / name / 'ckpt.pt'), '--n', '4', '--json',
                         str(tmp_path / 'm.json'))
         assert code == 0, log
         m = json.load(open(tmp_path / 'm.json'))
         assert m['clips'] == 4 and 0 <= m['reader_accuracy'] <= 1 and 0 < m['model']['ssim'] <= 1
         assert m['model']['psnr'] > 10 and baseline in m and 'psnr' in m[baseline]
-    code, log = run(capsys, eval_script, '--ckpt', str(runs / 'ar' / 'ckpt.pt'), '--n_prompts', '2', '--samples_per_prompt',
+    code, log = run(eval_script, '--ckpt', str(runs / 'ar' / 'ckpt.pt'), '--n_prompts', '2', '--samples_per_prompt',
                     '1', '--superres', str(runs / 'space' / 'ckpt.pt'), '--json', str(tmp_path / 'a.json'))
     assert code == 0, log
     acc = json.load(open(tmp_path / 'a.json'))
@@ -181,13 +172,13 @@ def test_train_sample_eval(runs, tmp_path, capsys):
     (['--ckpt', 'AR', '--prompt', 'x', '--superres', 'nowhere.pt'], 'train one with python train.py --model=superres'),
     (['--ckpt', 'AR', '--prompt', 'x', '--superres', 'SPACE', '--sr_noise', '-1'], 'noise must be >= 0'),
 ])
-def test_sample_errors(runs, tmp_path, capsys, argv, words):
+def test_sample_errors(runs, tmp_path, run, argv, words):
     paths = {'SPACE': str(runs / 'space' / 'ckpt.pt'), 'AR': str(runs / 'ar' / 'ckpt.pt')}
-    code, log = run(capsys, sample, *[paths.get(a, a) for a in argv], '--out', str(tmp_path))
+    code, log = run(sample, *[paths.get(a, a) for a in argv], '--out', str(tmp_path))
     assert code == 2 and words in log and 'Traceback' not in log, log
 
 
-def test_your_own_video(runs, tmp_path, capsys):
+def test_your_own_video(runs, tmp_path, run):
     # a few frames of textured real-looking footage written here: a smooth random texture panning across the view
     g = np.random.default_rng(0)
     texture = F.interpolate(torch.tensor(g.random((1, 3, 12, 12)), dtype=torch.float32), size=96, mode='bicubic')
@@ -199,7 +190,7 @@ def test_your_own_video(runs, tmp_path, capsys):
                               '--frames', '9', '--stride', '2']) == 0
     assert train.main(['--model=superres', '--data', data, '--out_dir', str(tmp_path / 'sr'), '--max_iters', '2',
                        '--batch_size', '2', '--eval_iters', '1', '--channels', '8', '--n_blocks', '1']) == 0
-    code, log = run(capsys, eval_script, '--ckpt', str(tmp_path / 'sr' / 'ckpt.pt'), '--json', str(tmp_path / 'm.json'))
+    code, log = run(eval_script, '--ckpt', str(tmp_path / 'sr' / 'ckpt.pt'), '--json', str(tmp_path / 'm.json'))
     assert code == 0, log
     m = json.load(open(tmp_path / 'm.json'))
     assert 'reader_accuracy' not in m and m['bicubic']['psnr'] > 15  # no shapes reader for real footage
