@@ -152,6 +152,7 @@ def eval_generator(model, tok, ckpt: dict, args, settings: dict) -> dict:
     prompts = [prepare_data.caption(a) for a in combos for _ in range(args.samples_per_prompt)]
     upsamplers = sample.load_upsamplers(args.superres, args.device)
     videos, big, g, t0 = [], [], torch.Generator(device=args.device).manual_seed(args.seed), time.time()
+    g_sr = torch.Generator(device=args.device).manual_seed(args.seed)  # its own, so --sr_noise keeps the videos
     for i in range(0, len(prompts), args.batch_size):
         ids = sample.encode_prompts(prompts[i:i + args.batch_size], meta).to(args.device)
         with train.autocast(args.device, args.dtype):
@@ -159,7 +160,7 @@ def eval_generator(model, tok, ckpt: dict, args, settings: dict) -> dict:
             made = made if tok is None else tok.decode(made)
             videos.append(prepare_data.to_uint8(made))
             if upsamplers:
-                big.append(prepare_data.to_uint8(sample.upsample(made, upsamplers, g, args.sr_noise)))
+                big.append(prepare_data.to_uint8(sample.upsample(made, upsamplers, g_sr, args.sr_noise)))
     videos = np.concatenate(videos)
     out = {'all_prompts': prepare_data.caption_accuracy(videos, prompts)}
     if upsamplers:  # the same videos after the upsamplers, read at their new size

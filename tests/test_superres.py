@@ -166,6 +166,17 @@ def test_train_sample_eval(runs, tmp_path, run):
     assert acc['all_prompts']['n'] == acc['superres']['n'] == 2  # the same videos, before and after
 
 
+def test_sr_noise_leaves_the_generated_videos_as_they_were(runs, run, monkeypatch):
+    seen = []
+    real = prepare_data.caption_accuracy
+    monkeypatch.setattr(prepare_data, 'caption_accuracy', lambda v, p: seen.append(v.copy()) or real(v, p))
+    for noise in ('0', '0.5'):  # batches of one: the second video comes after the first one's upsampling noise
+        code, log = run(eval_script, '--ckpt', str(runs / 'ar' / 'ckpt.pt'), '--n_prompts', '2', '--samples_per_prompt',
+                        '1', '--batch_size', '1', '--superres', str(runs / 'space' / 'ckpt.pt'), '--sr_noise', noise)
+        assert code == 0, log
+    assert len(seen) == 4 and np.array_equal(seen[0], seen[2]) and not np.array_equal(seen[1], seen[3])  # 32x32 alike
+
+
 @pytest.mark.parametrize('argv, words', [
     (['--ckpt', 'SPACE', '--prompt', 'x'], 'is a superres checkpoint; sampling needs a generator'),
     (['--ckpt', 'AR', '--prompt', 'x', '--superres', 'AR'], 'is a prior checkpoint, not an upsampler'),
