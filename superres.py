@@ -86,10 +86,11 @@ class SuperResConfig:
     channels: int = 32  # width of the blocks
     n_blocks: int = 4  # pseudo-3D residual blocks
     temporal: bool = True  # the blocks' convolutions over time (off: each frame alone)
-    blur: float = 0.5  # training: the input is blurred by a random share of this sigma (input pixels)
+    blur: float = 0.5  # training: the input is blurred by a random share of this sigma (input pixels); 0 suits
+    #                    clean footage, 0.5 the priors' softer videos (RESULTS.md)
     noise: float = 0.1  # training: the input is noised by a random std up to this, its level an input
-    loss: str = 'l2'  # l1 or l2 regression loss against the real clip
-    augment: bool = False  # training: each clip flipped, transposed and reversed in time at random (EDSR)
+    loss: str = 'l2'  # l1 or l2 regression loss against the real clip (l2: +4 dB on shapes, l1 better on footage)
+    augment: bool = False  # training: each clip flipped, transposed, reversed in time at random (for a small folder)
     # the training recipe (train.py's defaults for super-resolution; a resumed run may change lr, batch_size,
     # max_iters, ema)
     resolution: int = 0  # train on clips of this square size, the output's (0 = the data's); the input is / scale
