@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import prepare_data
 import sample
+import superres
 import train
 
 
@@ -85,19 +86,10 @@ def ssim_clips(a, b):
 
 def baselines(lo, scale: int, scale_t: int) -> dict:
     """The fixed upsamplings an upsampler must beat, of lo (B, 3, t, h, w): in time, repeating each given frame and
-    the linear cross-fade between given frames; in space, bicubic (after the cross-fade when both)."""
-    out = {}
-    if scale_t > 1:
-        mid = (lo[:, :, 1:] + lo[:, :, :-1]) / 2
-        out['repeat'] = lo.repeat_interleave(2, 2)[:, :, :-1]
-        out['crossfade'] = torch.cat([torch.stack([lo[:, :, :-1], mid], 3).flatten(2, 3), lo[:, :, -1:]], 2)
+    the linear cross-fade between given frames; in space, bicubic (after the time one when both)."""
+    out = {'repeat': lo.repeat_interleave(2, 2)[:, :, :-1], 'crossfade': superres.crossfade(lo)} if scale_t > 1 else {}
     if scale > 1:
-        def bicubic(v):
-            B, C, T, h, w = v.shape
-            up = F.interpolate(v.transpose(1, 2).reshape(B * T, C, h, w), scale_factor=scale, mode='bicubic',
-                               align_corners=False)
-            return up.view(B, T, C, h * scale, w * scale).transpose(1, 2).clamp(-1, 1)
-        out = {k: bicubic(v) for k, v in out.items()} or {'bicubic': bicubic(lo)}
+        out = {k: superres.bicubic(v, scale).clamp(-1, 1) for k, v in (out or {'bicubic': lo}).items()}
     return out
 
 

@@ -79,6 +79,22 @@ def blur(x, sigma: float):
     return y.view(B, C, T, H, W)
 
 
+
+def crossfade(lo):
+    """Frame interpolation without a model: (B, C, t, h, w) -> (B, C, 2t - 1, h, w), every other frame lo's and
+    those between the mean of their neighbours."""
+    mid = (lo[:, :, 1:] + lo[:, :, :-1]) / 2  # (B, C, t - 1, h, w)
+    x = torch.stack([lo[:, :, :-1], mid], 3).flatten(2, 3)  # (B, C, 2t - 2, h, w): given, between, ...
+    return torch.cat([x, lo[:, :, -1:]], 2)
+
+
+def bicubic(x, s: int):
+    """Bicubic upsampling by s of each frame of (B, C, T, h, w)."""
+    B, C, T, h, w = x.shape
+    up = F.interpolate(x.transpose(1, 2).reshape(B * T, C, h, w), scale_factor=s, mode='bicubic', align_corners=False)
+    return up.view(B, T, C, h * s, w * s).transpose(1, 2)
+
+
 @dataclass
 class SuperResConfig:
     scale: int = 2  # upsampling in space: 1 (none), 2 or 4
@@ -162,11 +178,8 @@ class SuperRes(nn.Module):
         lo's and those between their mean, for scale_t 2; then bicubic, for scale > 1) plus the network's
         residual. keep (B, 3, t, h, w): frames that come out exactly (time alone: the clean given frames)."""
         c = self.config
-        x = lo
+        x = crossfade(lo) if c.scale_t > 1 else lo  # (B, 3, T, h, w)
         if c.scale_t > 1:
-            mid = (lo[:, :, 1:] + lo[:, :, :-1]) / 2  # (B, 3, t - 1, h, w)
-            x = torch.stack([lo[:, :, :-1], mid], 3).flatten(2, 3)  # (B, 3, 2t - 2, h, w): given, between, ...
-            x = torch.cat([x, lo[:, :, -1:]], 2)  # (B, 3, 2t - 1, h, w)
             given = (torch.arange(x.shape[2], device=x.device) % 2 == 0).to(x.dtype)  # (T,)
             x_in = torch.cat([x, given.view(1, 1, -1, 1, 1).expand(x.shape[0], 1, -1, *x.shape[3:])], 1)
         else:
@@ -180,10 +193,7 @@ class SuperRes(nn.Module):
         s = c.scale
         r = r.view(B, 3, s, s, T, hh, ww).permute(0, 1, 4, 5, 2, 6, 3)  # (B, 3, T, h, s, w, s): depth to space
         r = r.reshape(B, 3, T, hh * s, ww * s)
-        if s > 1:  # bicubic in space, frame by frame
-            x = x.transpose(1, 2).reshape(B * T, 3, hh, ww)  # (B*T, 3, h, w)
-            x = F.interpolate(x, scale_factor=s, mode='bicubic', align_corners=False)
-            x = x.view(B, T, 3, hh * s, ww * s).transpose(1, 2)  # (B, 3, T, H, W)
+        x = bicubic(x, s) if s > 1 else x
         out = x + r
         if keep is not None and c.scale == 1 and c.scale_t > 1:
             out = out.clone()
