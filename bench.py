@@ -15,6 +15,7 @@ FlopCounterMode, and the model-FLOPs utilisation (MFU) against this machine's me
 batch with sample.py's settings flags (guidance doubles the batch of each pass; --cfg 1 runs it alone).
 """
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -69,7 +70,12 @@ def get_args(argv=None):
     sample.add_sampling_flags(p)
     args = p.parse_args(argv)
     args.device = train.auto_device(args.device)
-    return args, cfg_cls(**train.config_overrides(args, cfg_cls))
+    config = cfg_cls(**train.config_overrides(args, cfg_cls))
+    if getattr(config, 'in_channels', None) == 0:  # diffusion's data sizes, as train.py sets them on shapes
+        latent, res = config.space == 'latent', config.resolution or 32
+        config = dataclasses.replace(config, in_channels=4 if latent else 3,
+                                     grid=config.grid or ((5, res // 4, res // 4) if latent else (args.frames, res, res)))
+    return args, config
 
 
 def fake_batch(model, config, args):
@@ -77,6 +83,8 @@ def fake_batch(model, config, args):
     B = config.batch_size
     if model.reads == 'codes':
         x = torch.randint(config.vocab_size, (B, *config.grid), device=args.device)
+    elif model.reads == 'latents':
+        x = torch.randn(B, config.in_channels, *config.grid, device=args.device)
     else:
         res = config.resolution or 64  # 0 is the data's size; shapes' is 64
         x = torch.rand(B, 3, args.frames, res, res, device=args.device) * 2 - 1

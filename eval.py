@@ -6,12 +6,17 @@ Measure a trained model on the validation split.
     python eval.py --ckpt out/pipeline_ar/ckpt.pt --story 96      # ... of two-prompt stories, per segment
     python eval.py --ckpt out/superres/ckpt.pt              # an upsampler: PSNR, SSIM against fixed upsamplings
     python eval.py --ckpt out/pipeline_ar/ckpt.pt --superres out/superres/ckpt.pt   # caption accuracy after it
+    python eval.py --ckpt out/pipeline_diffusion/ckpt.pt --given first     # image to video on validation clips
+    python eval.py --ckpt out/pipeline_diffusion/ckpt.pt --given ends      # interpolation between first and last
 
 A codec (the tokenizer) reconstructs --n validation clips: PSNR and SSIM (mean over clips), the share of the
 codebook in use, and, on shapes data, the share of reconstructions that the shapes reader reads back with the
 original's four attributes. A generator makes --samples_per_prompt videos for each of --n_prompts shapes
 captions (all 192 by default): per-attribute and all-four accuracy and the invalid share, overall and apart
-for the combinations its training data held out, and the seconds per video.
+for the combinations its training data held out, and the seconds per video. With --given, a generator is
+given the first frame (first) or the first and last frames (ends, diffusion only) of --n validation clips with
+their captions: the PSNR of the given frames as they come back, the caption accuracy of the videos, and for ends
+the PSNR of the frames between against the real clip and against a linear cross-fade of the two given frames.
 """
 import argparse
 import json
@@ -149,7 +154,7 @@ def eval_generator(model, tok, ckpt: dict, args, settings: dict) -> dict:
         ids = sample.encode_prompts(prompts[i:i + args.batch_size], meta).to(args.device)
         with train.autocast(args.device, args.dtype):
             made = model.sample(ids, generator=g, **settings)
-            made = made if tok is None else tok.decode(made)
+            made = train.to_clips(model.reads, tok, made)
             videos.append(prepare_data.to_uint8(made))
             if upsamplers:
                 big.append(prepare_data.to_uint8(sample.upsample(made, upsamplers, g_sr, args.sr_noise)))
@@ -177,7 +182,7 @@ def eval_story(model, tok, ckpt: dict, args, settings: dict) -> dict:
     training clips travels 0.35-0.5 of the canvas in a clip and never leaves it, so it can keep going one way
     for about one clip; after that, turning round is the one motion it has room for."""
     shapes_only(ckpt)
-    t, ft = model.config.grid[0], tok.config.factors[0]
+    t, ft = model.config.grid[0], sample.time_factor(tok)
     clip, frames, cut = 1 + ft * (t - 1), args.story_frames, args.story_cut
     if frames <= clip or (frames - 1) % ft:
         raise train.TrainError(f'--story_frames must be 1 + {ft}k and more than the {clip} of a clip, got {frames}')
@@ -207,7 +212,7 @@ def eval_story(model, tok, ckpt: dict, args, settings: dict) -> dict:
         with train.autocast(args.device, args.dtype):
             codes = sample.sample_long(model, ids, n_latent, context, generator=g, turn_context=args.turn_context,
                                        **settings)
-            videos = prepare_data.to_uint8(tok.decode(codes))  # (n, frames, H, W, 3)
+            videos = prepare_data.to_uint8(train.to_clips(model.reads, tok, codes))  # (n, frames, H, W, 3)
         seg_a.append(videos[:, :clip])
         seg_b.append(videos[:, cut:cut + clip])
     return {'frames': frames, 'segment_frames': [[0, cut], [cut, frames]],
@@ -216,12 +221,53 @@ def eval_story(model, tok, ckpt: dict, args, settings: dict) -> dict:
             'seconds_per_video': (time.time() - t0) / len(stories)}
 
 
+@torch.no_grad()
+def eval_given(model, tok, ckpt: dict, args, settings: dict) -> dict:
+    """Image to video (--given first) or interpolation (--given ends) on validation clips, with their captions."""
+    if args.given == 'ends' and model.reads == 'codes':
+        raise train.TrainError('--given ends (interpolation) needs a diffusion model; a prior continues from the '
+                               'first frames only (--given first)')
+    val = prepare_data.load_split(args.data, 'val')
+    res, n = ckpt['data_key']['resolution'], min(args.n, len(val['clips']))
+    ft = sample.time_factor(tok)
+    given_psnr, mid, fade, videos, prompts, t0 = [], [], [], [], [], time.time()
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    for i in range(0, n, args.batch_size):
+        idx = np.arange(i, min(n, i + args.batch_size))
+        x, ids = prepare_data.get_batch(val, 0, res, idx=idx)
+        x, ids = x.to(args.device), ids.to(args.device)
+        with train.autocast(args.device, args.dtype):
+            z = train.from_clips(model.reads, tok, x)  # (B, t, h, w) codes, or (B, C, t, h, w)
+            first = z[..., :1, :, :]
+            kw = dict(last=z[..., -1:, :, :]) if args.given == 'ends' else {}
+            made = train.to_clips(model.reads, tok, model.sample(ids, x=first, generator=g, **kw, **settings)).float()
+        a, b = (x + 1) / 2, (made + 1) / 2
+        given_psnr += psnr(a[:, :, :1], b[:, :, :1]).tolist()
+        if args.given == 'ends':
+            T = x.shape[2]
+            between = slice(1, T - ft)  # the frames that the first and last latent frames do not hold
+            w = torch.linspace(0, 1, T, device=x.device).view(1, 1, T, 1, 1)
+            crossfade = (1 - w) * a[:, :, :1] + w * a[:, :, -1:]
+            given_psnr += psnr(a[:, :, -1:], b[:, :, -1:]).tolist()
+            mid += psnr(a[:, :, between], b[:, :, between]).tolist()
+            fade += psnr(a[:, :, between], crossfade[:, :, between]).tolist()
+        videos.append(prepare_data.to_uint8(made))
+        prompts += [val['captions'][j] for j in idx]
+    out = dict(given=args.given, clips=n, given_frames_psnr=float(np.mean(given_psnr)))
+    if args.given == 'ends':
+        out.update(between_psnr=float(np.mean(mid)), crossfade_psnr=float(np.mean(fade)))
+    if val['meta']['dataset'] == 'shapes':
+        out['captions'] = prepare_data.caption_accuracy(np.concatenate(videos), prompts)
+    out['seconds_per_video'] = (time.time() - t0) / n
+    return out
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--ckpt', required=True, help='checkpoint written by train.py')
     p.add_argument('--data', default=None, help='codec: dataset directory (default: the one the model was trained on)')
-    p.add_argument('--n', type=int, default=512, help='codec: validation clips to measure')
+    p.add_argument('--n', type=int, default=512, help='codec, upsampler, --given: validation clips to measure')
     p.add_argument('--batch_size', type=int, default=32, help='clips per forward pass')
     p.add_argument('--json', default=None, help='also write the figures to this JSON file')
     p.add_argument('--n_prompts', type=int, default=192, help='generator: shapes captions to prompt with (a random '
@@ -234,6 +280,8 @@ def get_args(argv=None):
                    '(default: after one training clip; 0 = the even split of sample.py --story)')
     p.add_argument('--turn_context', type=int, default=1, help='generator: latent frames kept where the prompt '
                    'changes (as sample.py --turn_context)')
+    p.add_argument('--given', choices=['first', 'ends'], default=None, help='generator: give it the first frame '
+                   '(image to video) or the first and last (interpolation, diffusion) of --n validation clips')
     p.add_argument('--superres', action='append', default=[], help='generator: also measure its videos after this '
                    'upsampler (repeatable, as sample.py --superres)')
     p.add_argument('--sr_noise', type=float, default=0.0, help='upsampler: the noise level of its input (as '
@@ -262,7 +310,8 @@ def main(argv=None) -> int:
         else:
             settings = model.settings(**{k: getattr(args, k, None) for k in sample.SETTINGS})
             tok = sample.tokenizer_of(model, ckpt, args.device)
-            out = (eval_story if args.story else eval_generator)(model, tok, ckpt, args, settings)
+            run = eval_given if args.given else eval_story if args.story else eval_generator
+            out = run(model, tok, ckpt, args, settings)
             out['settings'] = dict(settings, seed=args.seed, dtype=args.dtype)
     except (train.TrainError, sample.SampleError, FileNotFoundError, ValueError) as e:
         print(f'eval.py: error: {e}', file=sys.stderr)

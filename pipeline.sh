@@ -3,20 +3,22 @@
 #
 #     bash pipeline.sh         # the autoregressive prior (ar)
 #     bash pipeline.sh mask    # the masked prior; reuses the data, tokenizer and upsampler of an earlier run
+#     bash pipeline.sh diffusion   # latent diffusion (diffusion.py) on the same tokenizer; reuses them too
 #
 # Each step is a plain command you can also run alone. Re-running continues: the data is reused and an
 # interrupted training resumes from its last checkpoint. The prior's data holds out green triangles and
 # small cyan shapes, so eval.py also measures compositional generalisation on them. The tokenizer and the
 # upsampler never read a caption: they train on every combination (TOK_DATA), so they can draw them all.
-# The prior makes 32x32 videos and the upsampler (superres.py) turns them into 64x64 ones.
-# Extra flags per step come from the environment, e.g. PRIOR_FLAGS="--n_layer 8" bash pipeline.sh;
+# The generator makes 32x32 videos and the upsampler (superres.py) turns them into 64x64 ones.
+# Extra flags per step come from the environment, e.g. PRIOR_FLAGS="--n_layer 8" bash pipeline.sh (PRIOR_FLAGS
+# reach the diffusion model too);
 # DATA, TOK_DATA and OUT move the data and the checkpoints (default data/shapes_holdout, data/shapes, out).
 # The prior's training step is compiled (--compile, 6 % faster on CPU; train.py trains eagerly if no C++
 # compiler is installed, and PRIOR_FLAGS=--no-compile turns it off).
 set -euo pipefail
 MODE=${1:-ar}
-if [[ $MODE != ar && $MODE != mask ]]; then
-    echo "usage: bash pipeline.sh [ar|mask]" >&2
+if [[ $MODE != ar && $MODE != mask && $MODE != diffusion ]]; then
+    echo "usage: bash pipeline.sh [ar|mask|diffusion]" >&2
     exit 2
 fi
 DATA=${DATA:-data/shapes_holdout}
@@ -43,8 +45,13 @@ step tokenizer_data python prepare_data.py --out "$TOK_DATA" ${DATA_FLAGS:-}
 step tokenizer python train.py --model=tokenizer --data "$TOK_DATA" --out_dir "$TOK" --max_iters 2000 \
     $(resume "$TOK") ${TOK_FLAGS:-}
 step superres python train.py --model=superres --data "$TOK_DATA" --out_dir "$SR" $(resume "$SR") ${SR_FLAGS:-}
-step prior python train.py --model=prior --mode=$MODE --data "$DATA" --tokenizer "$TOK/ckpt.pt" --out_dir "$PRIOR" \
-    --max_iters 2500 --compile $(resume "$PRIOR") ${PRIOR_FLAGS:-}
+if [[ $MODE == diffusion ]]; then
+    step diffusion python train.py --model=diffusion --data "$DATA" --tokenizer "$TOK/ckpt.pt" --out_dir "$PRIOR" \
+        $(resume "$PRIOR") ${PRIOR_FLAGS:-}
+else
+    step prior python train.py --model=prior --mode=$MODE --data "$DATA" --tokenizer "$TOK/ckpt.pt" --out_dir "$PRIOR" \
+        --max_iters 2500 --compile $(resume "$PRIOR") ${PRIOR_FLAGS:-}
+fi
 step samples python sample.py --ckpt "$PRIOR/ckpt.pt" --superres "$SR/ckpt.pt" --out "$PRIOR/samples" \
     --num_samples 4 --no_mp4 \
     --prompt "a big red circle moving left" --prompt "a small blue square moving up" \

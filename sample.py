@@ -1,15 +1,17 @@
 """
-Text to video: prompt -> ids -> a generator -> the tokenizer's decoder (for codes) -> upsamplers -> files.
+Text to video: prompt -> ids -> a generator -> the tokenizer's decoder (codes, latents) -> upsamplers -> files.
 
     python sample.py --ckpt out/pipeline_ar/ckpt.pt --prompt "a big red circle moving left" --num_samples 8 --seed 0
     python sample.py --ckpt out/pipeline_ar/ckpt.pt --frames 33 --story "a red ball moving left|a red ball moving up"
     python sample.py --ckpt out/pipeline_ar/ckpt.pt --prompt "a blue box moving down" --image first_frame.png
     python sample.py --ckpt out/pipeline_ar/ckpt.pt --prompt "a red ball moving up" --superres out/superres/ckpt.pt
+    python sample.py --ckpt out/pipeline_diffusion/ckpt.pt --prompt "a big red circle moving left" --steps 32
 
 Writes, per prompt, a GIF (and MP4) and a raw .npy (T, H, W, 3) uint8 per sample, a PNG contact sheet (a row
 per sample), and one line per sample in samples.jsonl (file, prompt, seed, settings), so every sample can be
 reproduced and judged. Videos longer than the training clip are made through a sliding window over latent
-frames, keeping --context latent frames of the last window; a story gives each window its own prompt.
+frames (frames, for a model of pixels), keeping --context of them from the last window; a story gives each
+window its own prompt.
 """
 import argparse
 import json
@@ -28,7 +30,7 @@ import tokenizer
 import train
 
 SETTINGS = ('cfg', 'temperature', 'top_k', 'top_p', 'guide_frames', 'kv_cache', 'steps', 'first_steps', 'refine_steps',
-            'refine_cfg')  # generators' sampling settings: each model takes its own and names the others' owners
+            'refine_cfg', 'sampler', 'eta')  # generators' sampling settings: each model takes its own
 
 
 class SampleError(Exception):
@@ -39,13 +41,15 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """The flags of SETTINGS (eval.py and bench.py take them too); a flag not given is not in args."""
     g = p.add_argument_group("sampling settings (default: the model's; a flag of the other mode is an error)",
                              argument_default=argparse.SUPPRESS)
-    g.add_argument('--cfg', type=float, help='classifier-free guidance scale, 1 = none (ar and mask: 2)')
-    g.add_argument('--temperature', type=float, help='sampling temperature, 0 = greedy (ar: 0.4, mask: 0.3)')
+    g.add_argument('--cfg', type=float, help='classifier-free guidance scale, 1 = none (ar and mask: 2, diffusion: 3)')
+    g.add_argument('--temperature', type=float, help='ar, mask: sampling temperature, 0 = greedy (ar: 0.4, mask: 0.3)')
     g.add_argument('--top_k', type=int, help='ar: sample among the k most likely tokens')
     g.add_argument('--top_p', type=float, help='ar: nucleus sampling mass')
     g.add_argument('--guide_frames', type=int, help='ar: guide only the first N latent frames of each window (1)')
     g.add_argument('--kv_cache', action=argparse.BooleanOptionalAction, help='ar: a KV cache (on), or recompute all')
-    g.add_argument('--steps', type=int, help='mask: parallel decoding steps (12)')
+    g.add_argument('--steps', type=int, help='mask: parallel decoding steps (12); diffusion: solver steps (16)')
+    g.add_argument('--sampler', choices=['ddim', 'dpm'], help='diffusion: DDIM or DPM-Solver++ 2M (dpm)')
+    g.add_argument('--eta', type=float, help="diffusion: DDIM's share of fresh noise per step (0: deterministic)")
     g.add_argument('--first_steps', type=int,
                    help='mask: steps that draw the first latent frame alone before the rest (a third; 0 = all at once)')
     g.add_argument('--refine_steps', type=int, help='mask: steps after --steps that redraw the first latent frame (2)')
@@ -91,8 +95,8 @@ def upsample(videos, upsamplers: list, generator=None, noise: float = 0.0):
 
 
 def tokenizer_of(model, ckpt: dict, device: str):
-    """The tokenizer whose codes a model reads, which its checkpoint carries; None for a model of pixels."""
-    if model.reads != 'codes':
+    """The tokenizer whose codes or latents a model reads, which its checkpoint carries; None for a model of pixels."""
+    if model.reads == 'pixels':
         return None
     return tokenizer.Tokenizer.from_checkpoint(ckpt['tokenizer']).to(device).eval()
 
@@ -109,6 +113,11 @@ def encode_prompts(prompts: list[str], meta: dict) -> torch.Tensor:
             raise SampleError(f'prompt "{p}" is {len(toks)} tokens; this model reads at most {L}')
         ids[i, :len(toks)] = torch.tensor(toks)
     return ids
+
+
+def time_factor(tok) -> int:
+    """Video frames per latent frame after the first: the tokenizer's, 1 for a model of pixels."""
+    return 1 if tok is None else tok.config.factors[0]
 
 
 def windows_needed(n_latent: int, t: int, context: int) -> int:
@@ -128,21 +137,22 @@ def window_start_frame(k: int, t: int, context: int, ft: int) -> int:
 @torch.no_grad()
 def sample_long(model, ids_per_window: list[torch.Tensor], n_latent: int, context: int, x=None, generator=None,
                 turn_context: int = 1, **settings) -> torch.Tensor:
-    """Codes (B, n_latent, h, w): the first window from scratch (or from the given first latent frames x), then
-    windows that keep the last `context` latent frames and add the rest, each with its own prompt ids. A window
+    """What the model makes, n_latent frames long (codes (B, n_latent, h, w), latents or clips (B, C, n_latent, h,
+    w): time is the third axis from the end): the first window from scratch (or from the given first latent frames
+    x), then windows that keep the last `context` latent frames and add the rest, each with its own prompt ids. A window
     whose prompt differs from the last one's (a story's next part) keeps only the last `turn_context` latent
     frames and tells the model the prompt is new: the new prompt then steers the motion while the object stays
     where it was (on shapes, second-segment accuracy 0.20 -> 0.96 for ar: RESULTS.md)."""
     codes = model.sample(ids_per_window[0], x=x, generator=generator, **settings)  # (B, t, h, w)
     w = 1
-    while codes.shape[1] < n_latent:
+    while codes.shape[-3] < n_latent:
         ids = ids_per_window[min(w, len(ids_per_window) - 1)]
         turn = not torch.equal(ids, ids_per_window[min(w - 1, len(ids_per_window) - 1)])
         keep = turn_context if turn else context
-        nxt = model.sample(ids, x=codes[:, -keep:], generator=generator, new_prompt=turn, **settings)
-        codes = torch.cat([codes, nxt[:, keep:]], 1)
+        nxt = model.sample(ids, x=codes[..., -keep:, :, :], generator=generator, new_prompt=turn, **settings)
+        codes = torch.cat([codes, nxt[..., keep:, :, :]], -3)
         w += 1
-    return codes[:, :n_latent]
+    return codes[..., :n_latent, :, :]
 
 
 def slug(text: str) -> str:
@@ -191,8 +201,7 @@ def run(args):
     upsamplers = load_upsamplers(args.superres, args.device)
     settings = model.settings(**{k: getattr(args, k, None) for k in SETTINGS})  # checked, defaults filled in
     meta = ckpt['data_meta']
-    t = model.config.grid[0]
-    ft = tok.config.factors[0]
+    t, ft = model.config.grid[0], time_factor(tok)
     frames = args.frames or 1 + ft * (t - 1)
     if frames < 1 or (frames - 1) % ft:
         raise SampleError(f'--frames must be 1 + {ft}k (e.g. {1 + ft * (t - 1)} or {1 + ft * (2 * t - 1)}), '
@@ -217,10 +226,10 @@ def run(args):
     if not prompts:
         raise SampleError('give --prompt, --prompts or --story')
     x = None
-    if args.image:  # image to video: the image's codes are the first latent frame, kept
+    if args.image:  # image to video: the image's codes (latents, pixels) are the first latent frame, kept
         img = np.asarray(iio.imread(args.image))[None, ..., :3]
         img = prepare_data.resize_crop(img, ckpt['data_key']['resolution'])  # (1, res, res, 3)
-        x = tok.encode(prepare_data.to_model(img[None])[:, :, 0].to(args.device))  # (1, 1, h, w)
+        x = train.from_clips(model.reads, tok, prepare_data.to_model(img[None]).to(args.device))  # one frame
     record = dict(settings, frames=frames, context=context, turn_context=args.turn_context, ckpt=args.ckpt,
                   image=args.image, dtype=args.dtype, superres=args.superres, sr_noise=args.sr_noise)
     fps = meta['fps'] * math.prod(sr.config.scale_t for sr in upsamplers)
@@ -233,10 +242,11 @@ def run(args):
             g = torch.Generator(device=args.device).manual_seed(args.seed + i)
             t0 = time.time()
             with train.autocast(args.device, args.dtype):
-                given = None if x is None else x.repeat(args.num_samples, 1, 1, 1)
-                codes = sample_long(model, ids, n_latent, context, given, generator=g,
-                                    turn_context=args.turn_context, **settings)
-                videos = prepare_data.to_uint8(upsample(tok.decode(codes), upsamplers, g, args.sr_noise))
+                given = None if x is None else x.expand(args.num_samples, *x.shape[1:])
+                made = sample_long(model, ids, n_latent, context, given, generator=g,
+                                   turn_context=args.turn_context, **settings)
+                videos = train.to_clips(model.reads, tok, made)
+                videos = prepare_data.to_uint8(upsample(videos, upsamplers, g, args.sr_noise))
             dt = (time.time() - t0) / args.num_samples
             write(args, videos, prompt, fps, [dict(prompt=prompt, windows=windows, seed=args.seed + i, index=k,
                                                            **record) for k in range(len(videos))], manifest)

@@ -4,13 +4,16 @@ One training loop for every model, nanoGPT style.
     python train.py --model=tokenizer                                     # single process, CPU or GPU
     python train.py --model=prior --mode=mask --tokenizer out/tokenizer/ckpt.pt
     python train.py --model=superres --data data/shapes                 # 32x32 -> 64x64 (--scale_t 2: in time)
+    python train.py --model=diffusion --tokenizer out/tokenizer/ckpt.pt  # latent diffusion (--space=pixel: pixels)
     torchrun --standalone --nproc_per_node=2 train.py --model=tokenizer   # DDP (Gloo on CPU, NCCL on GPU)
 
 Flags named like a model's config fields (`--channels`, `--levels 8,5,5,5`, `--lr`) set that field, and the
 config's defaults are the model's CPU recipe: `python train.py --model=prior --help` lists them. Every model
 file has the same small interface, so a new model is a row in MODELS:
     XConfig                  a dataclass: the architecture, then the recipe (optimizer, lr, batch_size, max_iters, ema)
-    X.reads                  'pixels' (clips) or 'codes' (a frozen tokenizer's, encoded once and cached here)
+    X.reads                  'pixels' (clips), 'codes' (a frozen tokenizer's, encoded once and cached here) or
+                             'latents' (the tokenizer's quantized latents of those codes); a config's own `reads`
+                             wins where it depends on a field (diffusion's --space)
     X.kind                   'codec' (sample reconstructs x), 'generator' (sample makes videos from text) or
                              'upsampler' (sample enlarges the video x; forward makes its own smaller input)
     X.from_checkpoint(ckpt)  the trained model, with any backward compatibility it needs
@@ -41,6 +44,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import diffusion
 import prepare_data
 import prior
 import superres
@@ -50,8 +54,9 @@ MODELS = {  # --model -> (config class, model class)
     'tokenizer': (tokenizer.TokenizerConfig, tokenizer.Tokenizer),
     'prior': (prior.PriorConfig, prior.Prior),
     'superres': (superres.SuperResConfig, superres.SuperRes),
+    'diffusion': (diffusion.DiffusionConfig, diffusion.Diffusion),
 }
-DATA_FIELDS = ('vocab_size', 'grid', 'text_vocab', 'text_len', 'pad_id')  # config fields set from the data, not flags
+DATA_FIELDS = ('vocab_size', 'grid', 'in_channels', 'text_vocab', 'text_len', 'pad_id')  # config fields set from the data, not flags
 RESUMABLE = ('lr', 'batch_size', 'max_iters', 'ema')  # config fields that a resumed run may change
 RETIRED = {  # flags that README versions documented, and what replaced them
     '--first_prob': '--image_share (a mask prior now trains the first latent frame as an image)',
@@ -130,7 +135,9 @@ def get_args(argv=None):
     add('--data', default='data/shapes', help='dataset directory written by prepare_data.py')
     add('--out_dir', default=None, help='where checkpoints, logs and samples go (default out/<model>)')
     add('--resume', action=on_off, default=False, help='continue from <out_dir>/ckpt.pt')
-    add('--tokenizer', default='out/tokenizer/ckpt.pt', help='a model that reads codes: the tokenizer checkpoint')
+    add('--tokenizer', default='out/tokenizer/ckpt.pt', help='a model of codes or latents: the tokenizer checkpoint')
+    add('--init_from', default=None, help="start from this checkpoint's weights (same model and sizes), with a new "
+        'optimizer and step 0: e.g. a diffusion model trained --image_pretrain, fine-tuned on clips')
     add('--grad_accum', type=int, default=1, help='micro-steps per optimizer step')
     add('--min_lr', type=float, default=None, help='learning rate at the end of the cosine (default lr / 10)')
     add('--warmup_iters', type=int, default=100, help='linear warmup steps')
@@ -275,7 +282,7 @@ def encode_split(data: dict, path: str, tok, res: int, device: str, batch_size: 
     clips = data['clips']
     ft, fs = tok.config.factors
     shape = (len(clips), 1 + (clips.shape[1] - 1) // ft, res // fs, res // fs)
-    if tok.codebook_size > 2 ** 16:
+    if tok.codebook_size > 2 ** 16:  # (latents are looked up from the codes: latent_table)
         raise TrainError(f'the tokenizer has {tok.codebook_size} codes; the codes cache holds at most 65536')
     if len(clips) == 0:
         return dict(data, codes=np.zeros(shape, np.uint16))
@@ -314,11 +321,46 @@ def encode_splits(args, splits: dict, res: int, device: str, ctx, ddp: bool, mas
     return tok, splits
 
 
+def reads_of(model_cls, config) -> str:
+    """What a model's forward reads: 'pixels', 'codes' or 'latents'; the config says where it depends on a field."""
+    return config.reads if hasattr(config, 'reads') else model_cls.reads
+
+
+@torch.no_grad()
+def latent_table(tok) -> torch.Tensor:
+    """(codebook size, d): the quantized latent of each code, by which cached codes become latents."""
+    return tok.quant.indices_to_codes(torch.arange(tok.codebook_size, device=next(tok.parameters()).device)).cpu()
+
+
+@torch.no_grad()
+def to_clips(reads: str, tok, x):
+    """What a model makes or reads -> clips (B, 3, T, H, W) in [-1, 1]: codes and latents through the tokenizer's
+    decoder, latents first snapped to their nearest code (the latents the decoder was trained on)."""
+    if reads == 'pixels':
+        return x
+    if reads == 'latents':
+        table = latent_table(tok).to(x.device)  # (V, d)
+        flat = x.float().movedim(1, -1)  # (B, t, h, w, d)
+        x = torch.cdist(flat.reshape(-1, table.shape[1]), table).argmin(1).view(flat.shape[:-1])  # (B, t, h, w)
+    return tok.decode(x)
+
+
+@torch.no_grad()
+def from_clips(reads: str, tok, x):
+    """Clips (B, 3, T, H, W) in [-1, 1] -> what a model reads: codes, quantized latents or the clips themselves."""
+    if reads == 'pixels':
+        return x
+    codes = tok.encode(x)
+    return codes if reads == 'codes' else tok.quant.indices_to_codes(codes)
+
+
 def read_batch(data: dict, idx, res: int, device: str):
-    """Rows idx of a split: its cached codes (B, t, h, w) when it has them, else clips (B, 3, T, res, res) in
-    [-1, 1]; and their caption ids (B, text_len)."""
+    """Rows idx of a split: its cached codes (B, t, h, w) when it has them (their latents (B, d, t, h, w) when it has
+    a latent_table), else clips (B, 3, T, res, res) in [-1, 1]; and their caption ids (B, text_len)."""
     idx = np.sort(np.asarray(idx))  # sorted reads are sequential on disk
-    if 'codes' in data:
+    if 'latent_table' in data:
+        x = data['latent_table'][torch.from_numpy(data['codes'][idx].astype(np.int64))].permute(0, 4, 1, 2, 3)
+    elif 'codes' in data:
         x = torch.from_numpy(data['codes'][idx].astype(np.int64))
     else:
         x = prepare_data.to_model(data['clips'][idx], res)
@@ -377,8 +419,7 @@ def preview(model, tok, x, ids, path: str, fps: float) -> None:
     of them: a reconstruction, an upsampling of a smaller copy) and a GIF of the first one made."""
     g = torch.Generator(device=x.device).manual_seed(0)
     made = model.sample(ids, generator=g) if model.kind == 'generator' else model(x, ids)[0]
-    if tok is not None:  # codes -> clips
-        made, x = tok.decode(made), tok.decode(x)
+    made, x = to_clips(model.reads, tok, made), to_clips(model.reads, tok, x)
     videos = prepare_data.to_uint8(torch.cat([x, made]))
     n = len(x)
     iio.imwrite(path + '.png', prepare_data.contact_sheet(videos[[i // 2 + (i % 2) * n for i in range(2 * n)]]))
@@ -455,6 +496,19 @@ def build_model(args, overrides: dict, splits: dict, res: int, ckpt: dict | None
         raise TrainError(str(e)) from None
 
 
+def init_weights(model, path: str) -> None:
+    """--init_from: the weights (EMA where kept) of another run of this model with the same sizes; data-dependent
+    buffers (a latent scale) come along."""
+    src = read_checkpoint(path)
+    if MODELS[src['model_type']][1] is not type(model):
+        raise TrainError(f"--init_from {path} is a {src['model_type']} checkpoint; it must be the same model")
+    try:
+        model.load_state_dict(src['ema'] if src.get('ema') is not None else src['model'])
+    except RuntimeError as e:
+        raise TrainError(f'--init_from {path} has other sizes than this model ({str(e).splitlines()[1].strip()}); '
+                         'give the same architecture flags') from None
+
+
 def log(out_dir: str, rec: dict) -> None:
     """One line for a person, and the same record in out_dir/log.jsonl."""
     print(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()), flush=True)
@@ -469,22 +523,30 @@ def train(args, overrides):
     master, device_type, ctx = rank == 0, device.split(':')[0], autocast(device, args.dtype)
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
 
-    # data at the config's resolution (the checkpoint's on --resume), and for a model that reads codes the
-    # tokenizer's; both set the config's data fields
+    # data at the config's resolution (the checkpoint's on --resume), and for a model that reads codes or latents
+    # the tokenizer's; both set the config's data fields
     ckpt = read_resumed(args) if args.resume else None
-    resolution = ckpt['config']['resolution'] if ckpt else MODELS[args.model][0].resolution
+    cfg_cls, model_cls = MODELS[args.model]
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    known = {k: v for k, v in (ckpt['config'] if ckpt else overrides).items() if k in fields}  # not retired fields
+    reads = reads_of(model_cls, cfg_cls(**known))
+    resolution = ckpt['config']['resolution'] if ckpt else cfg_cls.resolution
     splits, res = load_data(args, overrides.get('resolution', resolution))
     meta, tok = splits['train']['meta'], None
-    if MODELS[args.model][1].reads == 'codes':
+    facts = dict(text_vocab=meta['text']['vocab_size'], text_len=meta['text_len'], pad_id=meta['text']['pad_id'],
+                 grid=(meta['frames'], res, res), in_channels=3)
+    if reads in ('codes', 'latents'):
         tok, splits = encode_splits(args, splits, res, device, ctx, ddp, master)
-    facts = dict(text_vocab=meta['text']['vocab_size'], text_len=meta['text_len'], pad_id=meta['text']['pad_id'])
-    if tok is not None:
-        facts.update(vocab_size=tok.codebook_size, grid=tuple(splits['train']['codes'].shape[1:]))
-    fields = {f.name for f in dataclasses.fields(MODELS[args.model][0])}
+        facts.update(vocab_size=tok.codebook_size, grid=tuple(splits['train']['codes'].shape[1:]),
+                     in_channels=tok.config.latent_dim)
+    if reads == 'latents':
+        splits = {s: dict(d, latent_table=latent_table(tok)) for s, d in splits.items()}
     overrides = {**overrides, **{k: v for k, v in facts.items() if k in fields}}
 
     # model, from scratch or from the checkpoint
     model = build_model(args, overrides, splits, res, ckpt)
+    if args.init_from and ckpt is None:
+        init_weights(model, args.init_from)
     config = model.config
     args.min_lr = config.lr / 10 if args.min_lr is None else args.min_lr
     args.lr_decay_iters = config.max_iters if args.lr_decay_iters is None else args.lr_decay_iters

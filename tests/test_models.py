@@ -16,13 +16,15 @@ TINY = {  # a model added to train.MODELS gets a tiny config here, and these tes
     'tokenizer': dict(channels=8, levels=(4, 3, 3)),
     'prior': dict(n_layer=1, n_embd=32, n_head=2, vocab_size=30, text_vocab=20, text_len=4, grid=(2, 2, 2), batch_size=2),
     'superres': dict(channels=8, n_blocks=2, batch_size=2),
+    'diffusion': dict(in_channels=4, grid=(3, 4, 4), text_vocab=20, text_len=4, channels=32, head_dim=16, text_dim=32,
+                      num_res_blocks=1, attn_res=4, batch_size=2),
 }
 
 
 @pytest.mark.parametrize('name', list(train.MODELS))
 def test_interface(name, tmp_path):
     cfg_cls, model_cls = train.MODELS[name]
-    assert model_cls.reads in ('pixels', 'codes') and model_cls.kind in ('codec', 'generator', 'upsampler')
+    assert model_cls.reads in ('pixels', 'codes', 'latents') and model_cls.kind in ('codec', 'generator', 'upsampler')
     config = cfg_cls(**TINY[name])
     assert {'optimizer', 'lr', 'weight_decay', 'betas', 'batch_size', 'max_iters', 'ema'} <= set(vars(config))
     torch.manual_seed(0)
