@@ -107,7 +107,7 @@ def add_config_flags(p: argparse.ArgumentParser, cfg_cls, skip=()) -> None:
         if kind is bool:
             g.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, **kw)
         elif kind is tuple:
-            g.add_argument(f'--{f.name}', type=parse_tuple(type(default[0])), **kw)
+            g.add_argument(f'--{f.name}', type=parse_tuple(type(default[0]) if default else int), **kw)
         else:
             g.add_argument(f'--{f.name}', type=kind, **kw)
 

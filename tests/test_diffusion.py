@@ -147,7 +147,7 @@ def test_image_pretrain_trains_on_frames():
 # ---------------------------------------------------------------------------------------------------------------
 # the scripts, on a tiny run in each space
 
-NET = ['--channels', '32', '--head_dim', '16', '--text_dim', '32', '--num_res_blocks', '1', '--batch_size', '2',
+NET = ['--channels', '32', '--ch_mult', '1,2', '--head_dim', '16', '--text_dim', '32', '--batch_size', '2',
        '--eval_iters', '1', '--dtype', 'float32', '--max_iters', '2', '--eval_interval', '100']
 
 
@@ -202,6 +202,24 @@ def test_sample_and_eval_cli(runs, space, frames, tmp_path, run):
     assert code == 0, log
     acc = json.load(open(tmp_path / 'acc.json'))
     assert acc['all_prompts']['n'] == 3 and acc['settings']['sampler'] == 'dpm'
+    code, log = run(eval_script, '--ckpt', ckpt, '--given', 'ends', '--n', '3', '--steps', '2', '--json',
+                    str(tmp_path / 'ends.json'))
+    assert code == 0, log
+    ends = json.load(open(tmp_path / 'ends.json'))
+    assert ends['clips'] == 3 and ends['captions']['n'] == 3 and ends['between_psnr'] > 0 and ends['crossfade_psnr'] > 0
+    if space == 'pixel':  # the given frames come back as they were
+        assert ends['given_frames_psnr'] > 40
+
+
+def test_eval_given_first_on_a_prior_and_ends_refused(runs, run, tmp_path):
+    data = str(runs / 'shapes')
+    assert train.main(['--model=prior', '--data', data, '--tokenizer', str(runs / 'tok' / 'ckpt.pt'), '--out_dir',
+                       str(tmp_path / 'ar'), '--max_iters', '1', '--n_layer', '1', '--n_embd', '32', '--n_head', '2',
+                       '--batch_size', '2', '--eval_iters', '1', '--dtype', 'float32']) == 0
+    code, log = run(eval_script, '--ckpt', str(tmp_path / 'ar' / 'ckpt.pt'), '--given', 'first', '--n', '2')
+    assert code == 0 and 'given_frames_psnr' in log, log
+    code, log = run(eval_script, '--ckpt', str(tmp_path / 'ar' / 'ckpt.pt'), '--given', 'ends', '--n', '2')
+    assert code == 2 and 'interpolation) needs a diffusion model' in log and 'Traceback' not in log
 
 
 @pytest.mark.parametrize('argv, words', [
@@ -238,3 +256,44 @@ def test_init_from_an_image_pretrained_run(runs, run, tmp_path):
     img = torch.load(tmp_path / 'img' / 'ckpt.pt', weights_only=True)
     vid = torch.load(tmp_path / 'vid' / 'ckpt.pt', weights_only=True)
     assert img['config']['image_pretrain'] and not vid['config']['image_pretrain'] and vid['iter_num'] == 2
+
+
+def test_pixel_diffusion_on_moving_mnist(tmp_path, run):
+    from test_prepare_data import write_idx
+    src = tmp_path / 'mnist'
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (('train', 20), ('t10k', 10)):
+        write_idx(str(src / f'{prefix}-images-idx3-ubyte'), rng.integers(0, 256, (n, 28, 28)))
+        write_idx(str(src / f'{prefix}-labels-idx1-ubyte'), np.arange(n) % 10)
+    data = str(tmp_path / 'mm')
+    prepare_data.prepare(prepare_data.get_args(['--dataset', 'mnist', '--src', str(src), '--out', data, '--n_train', '8',
+                                                '--n_val', '2', '--size', '32', '--frames', '5']))
+    code, log = run(train, '--model=diffusion', '--space=pixel', '--data', data, '--resolution', '16',
+                    '--out_dir', str(tmp_path / 'm'), *NET)
+    assert code == 0, log
+    code, log = run(sample, '--ckpt', str(tmp_path / 'm' / 'ckpt.pt'), '--prompt', '2 and four', '--num_samples', '1',
+                    '--steps', '2', '--out', str(tmp_path / 's'), '--no_mp4')
+    assert code == 0, log
+    assert np.load(tmp_path / 's' / '2_and_four_0.npy').shape == (5, 16, 16, 3)
+    code, log = run(eval_script, '--ckpt', str(tmp_path / 'm' / 'ckpt.pt'))
+    assert code == 2 and 'caption accuracy needs a model trained on shapes data' in log
+
+
+@pytest.mark.slow
+def test_pipeline_script_diffusion(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = dict(os.environ, DATA=str(tmp_path / 'data'), TOK_DATA=str(tmp_path / 'tok_data'), OUT=str(tmp_path / 'out'),
+               DATA_FLAGS='--n_train 16 --n_val 4 --size 32',
+               TOK_FLAGS='--max_iters 1 --channels 8 --batch_size 2 --eval_iters 1 --dtype float32',
+               SR_FLAGS='--max_iters 1 --channels 8 --n_blocks 1 --batch_size 2 --eval_iters 1 --dtype float32',
+               PRIOR_FLAGS=' '.join(NET), SAMPLE_FLAGS='--num_samples 1 --steps 2', EVAL_FLAGS='--n_prompts 3 --steps 2')
+    r = subprocess.run(['bash', os.path.join(ROOT, 'pipeline.sh'), 'diffusion'], capture_output=True, text=True,
+                       env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = tmp_path / 'out' / 'pipeline_diffusion'
+    assert json.load(open(out / 'accuracy.json'))['all_prompts']['n'] == 3
+    assert np.load(out / 'samples' / 'a_big_red_circle_moving_left_0.npy').shape == (17, 64, 64, 3)
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['model_type'] == 'diffusion'
