@@ -137,13 +137,13 @@ def window_start_frame(k: int, t: int, context: int, ft: int) -> int:
 @torch.no_grad()
 def sample_long(model, ids_per_window: list[torch.Tensor], n_latent: int, context: int, x=None, generator=None,
                 turn_context: int = 1, **settings) -> torch.Tensor:
-    """What the model makes, n_latent frames long (codes (B, n_latent, h, w), latents or clips (B, C, n_latent, h,
-    w): time is the third axis from the end): the first window from scratch (or from the given first latent frames
-    x), then windows that keep the last `context` latent frames and add the rest, each with its own prompt ids. A window
-    whose prompt differs from the last one's (a story's next part) keeps only the last `turn_context` latent
-    frames and tells the model the prompt is new: the new prompt then steers the motion while the object stays
-    where it was (on shapes, second-segment accuracy 0.20 -> 0.96 for ar: RESULTS.md)."""
-    codes = model.sample(ids_per_window[0], x=x, generator=generator, **settings)  # (B, t, h, w)
+    """What the model makes, n_latent frames long: codes (B, n_latent, h, w), or latents or clips (B, C, n_latent,
+    h, w), time always the third axis from the end. The first window from scratch (or from the given first latent
+    frames x), then windows that keep the last `context` latent frames and add the rest, each with its own prompt
+    ids. A window whose prompt differs from the last one's (a story's next part) keeps only the last
+    `turn_context` latent frames and tells the model the prompt is new: the new prompt then steers the motion
+    while the object stays where it was (on shapes, second-segment accuracy 0.20 -> 0.96 for ar: RESULTS.md)."""
+    codes = model.sample(ids_per_window[0], x=x, generator=generator, **settings)  # t latent frames
     w = 1
     while codes.shape[-3] < n_latent:
         ids = ids_per_window[min(w, len(ids_per_window) - 1)]

@@ -56,7 +56,7 @@ MODELS = {  # --model -> (config class, model class)
     'superres': (superres.SuperResConfig, superres.SuperRes),
     'diffusion': (diffusion.DiffusionConfig, diffusion.Diffusion),
 }
-DATA_FIELDS = ('vocab_size', 'grid', 'in_channels', 'text_vocab', 'text_len', 'pad_id')  # config fields set from the data, not flags
+DATA_FIELDS = ('vocab_size', 'grid', 'in_channels', 'text_vocab', 'text_len', 'pad_id')  # set from the data
 RESUMABLE = ('lr', 'batch_size', 'max_iters', 'ema')  # config fields that a resumed run may change
 RETIRED = {  # flags that README versions documented, and what replaced them
     '--first_prob': '--image_share (a mask prior now trains the first latent frame as an image)',
@@ -505,7 +505,7 @@ def init_weights(model, path: str) -> None:
     try:
         model.load_state_dict(src['ema'] if src.get('ema') is not None else src['model'])
     except RuntimeError as e:
-        raise TrainError(f'--init_from {path} has other sizes than this model ({str(e).splitlines()[1].strip()}); '
+        raise TrainError(f'--init_from {path} has other sizes than this model ({str(e).strip().splitlines()[-1].strip()}); '
                          'give the same architecture flags') from None
 
 
