@@ -154,7 +154,8 @@ class SpaceTimeAttention(nn.Module):
         h = h + self.proj_x(attend(self.q_x(self.norm_x(h)), k, v, self.heads))
         if T > 1:
             ht = h.view(B, T, H * W, C).transpose(1, 2).reshape(B * H * W, T, C)  # (B*HW, T, C): each position
-            q, k, v = self.qkv_t(self.norm_t(ht) + sinusoid(torch.arange(T, device=x.device), C).to(ht.dtype)).chunk(3, -1)
+            pos = sinusoid(torch.arange(T, device=x.device), C).to(ht.dtype)  # (T, C): which frame
+            q, k, v = self.qkv_t(self.norm_t(ht) + pos).chunk(3, -1)
             ht = ht + self.proj_t(attend(q, k, v, self.heads))
             h = ht.view(B, H * W, T, C).transpose(1, 2)  # (B, T, HW, C)
         return h.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B, C, T, H, W)
@@ -232,7 +233,8 @@ class Diffusion(nn.Module):
                              f'{len(c.ch_mult)} levels of ch_mult {c.ch_mult}')
         widths = [c.channels * m for m in c.ch_mult]
         if any(w % c.head_dim for w in widths) or c.text_dim % c.head_dim:
-            raise ValueError(f'the level widths {widths} and text_dim {c.text_dim} must divide by head_dim {c.head_dim}')
+            raise ValueError(f'the level widths {widths} and text_dim {c.text_dim} must divide by head_dim '
+                             f'{c.head_dim}')
         if not 0 <= c.cond_prob <= 1 or not 0 <= c.cfg_drop <= 1:
             raise ValueError('cond_prob and cfg_drop are probabilities: between 0 and 1')
         if c.optimizer != 'adamw':
@@ -259,7 +261,8 @@ class Diffusion(nn.Module):
                 self.down.append(space_conv(ch, ch, stride=2))
                 skips.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb, c.dropout), SpaceTimeAttention(ch, ch // c.head_dim, c.text_dim),
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb, c.dropout), SpaceTimeAttention(ch, ch // c.head_dim,
+                                                                                        c.text_dim),
                                   ResBlock(ch, ch, emb, c.dropout)])
         for i, w in reversed(list(enumerate(widths))):
             for _ in range(c.num_res_blocks + 1):
@@ -316,9 +319,10 @@ class Diffusion(nn.Module):
         return h, h.mean(1)
 
     def net(self, z, t, text, known, mask):
-        """v prediction (B, C, T, H, W) for the noisy clip z at times t (B,), text (B, L) ids, known frames
-        (B, C, T, H, W) (zero where not known) and their mask (B, 1, T, 1, 1)."""
-        tokens, pooled = self.encode_text(text)
+        """v prediction (B, C, T, H, W) for the noisy clip z at times t (B,), the text as encode_text gives it
+        (encoded once per sampled clip, not per step), known frames (B, C, T, H, W) (zero where not known) and
+        their mask (B, 1, T, 1, 1)."""
+        tokens, pooled = text
         emb = self.time_mlp(sinusoid(t * 1000, self.config.channels).to(z.dtype)) + self.text_pool(pooled)
         B, C, T, H, W = z.shape
         h = self.conv_in(torch.cat([z, known * mask, mask.expand(B, 1, T, H, W)], 1))
@@ -375,7 +379,7 @@ class Diffusion(nn.Module):
         eps = torch.randn_like(x0)
         z = alpha * x0 + sigma * eps
         mask = self.frame_mask(B, T, x.device)
-        v = self.net(z.to(x.dtype), t, text, x0.to(x.dtype), mask.to(x.dtype))
+        v = self.net(z.to(x.dtype), t, self.encode_text(text), x0.to(x.dtype), mask.to(x.dtype))
         err = (v.float() - (alpha * eps - sigma * x0)).pow(2) * (1 - mask)
         loss = err.sum() / ((1 - mask).sum() * C * H * W).clamp_min(1)
         return v, loss
@@ -427,14 +431,15 @@ class Diffusion(nn.Module):
                 raise ValueError(f'given frames must be (B, {C}, 1 .. {T}, {H}, {W}), got {tuple(given.shape)}')
             known[:, :, where] = given.float() * self.scale
             mask[:, :, where] = 1
-        text2 = text if s['cfg'] == 1 else torch.cat([text, torch.full_like(text, c.pad_id)])
+        n = 1 if s['cfg'] == 1 else 2  # guidance: [conditional ; unconditional] in one batch
+        text2 = text if n == 1 else torch.cat([text, torch.full_like(text, c.pad_id)])
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
+        ctx = self.encode_text(text2)  # once, not per step
+        known2, mask2 = known.repeat(n, 1, 1, 1, 1).to(dtype), mask.repeat(n, 1, 1, 1, 1).to(dtype)
 
         def denoise(z, t):  # -> the clean clip's prediction x0 (B, C, T, H, W) in fp32, given frames kept
-            n = len(text2) // B
             tt = torch.full((B * n,), float(t), device=dev)
-            v = self.net(z.repeat(n, 1, 1, 1, 1).to(dtype), tt, text2, known.repeat(n, 1, 1, 1, 1).to(dtype),
-                         mask.repeat(n, 1, 1, 1, 1).to(dtype)).float()
+            v = self.net(z.repeat(n, 1, 1, 1, 1).to(dtype), tt, ctx, known2, mask2).float()
             if n == 2:
                 cond, uncond = v.chunk(2)
                 v = uncond + s['cfg'] * (cond - uncond)

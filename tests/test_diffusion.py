@@ -32,7 +32,7 @@ def inputs(m, B=2, T=3, seed=0):
     c = m.config
     z = torch.randn(B, c.in_channels, T, *c.grid[1:], generator=g)
     text = torch.randint(c.text_vocab, (B, c.text_len), generator=g)
-    return z, torch.rand(B, generator=g), text, torch.zeros_like(z), torch.zeros(B, 1, T, 1, 1)
+    return z, torch.rand(B, generator=g), m.encode_text(text), torch.zeros_like(z), torch.zeros(B, 1, T, 1, 1)
 
 
 def test_video_path_is_the_image_path_per_frame_at_init_and_never_mixes_videos():
