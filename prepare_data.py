@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -68,23 +69,81 @@ COMBOS = [(c, s, z, m) for c in COLORS for s in SHAPES for z in SIZES for m in M
 SYNONYMS = {'big': ('big', 'large'), 'small': ('small', 'little', 'tiny'),
             'circle': ('circle', 'ball'), 'square': ('square', 'box'), 'cross': ('cross', 'plus')}
 CANONICAL = 'a {size} {color} {shape} moving {motion}'
-PARAPHRASES = (
-    'a {color} {shape}, {size}, moving {motion}',
-    'the {size} {color} {shape} moves {motion}',
-    '{size} {color} {shape} going {motion}',
-    'a {size} {shape}, {color}, going {motion}',
-    'the {color} {shape} is {size} and moves {motion}',
-    '{color} {shape} moving {motion}, {size}',
+# The other half of the training captions comes from a small grammar: a noun phrase (adjectives before or after
+# the noun), a verb, a frame around them, and now and then a made-up word, so the model learns to read the
+# attribute words wherever they stand and past words it never saw (held-out phrasings 0.17 -> 0.83: RESULTS.md).
+NOUNS = ('{size} {color} {shape}', '{color} {size} {shape}', '{color} {shape}, {size},', '{size} {shape}, {color},',
+         '{color} {shape} that is {size}', '{size} {shape} that is {color}', '{size} and {color} {shape}')
+DETERMINERS = ('a', 'the', 'one', '')
+PARTICIPLES = ('moving', 'going', 'heading', 'travelling', 'sliding', 'drifting', 'gliding')
+VERBS = ('moves', 'goes', 'heads', 'travels', 'slides', 'drifts', 'glides')
+SENTENCES = ('{det} {noun} {ing} {motion}', '{det} {noun} {verb} {motion}', '{det} {noun} is {ing} {motion}',
+             'there is {det} {noun} {ing} {motion}', '{det} {noun} that {verb} {motion}',
+             '{ing} {motion}: {det} {noun}', 'a video of {det} {noun} {ing} {motion}', '{motion}, {det} {noun}',
+             '{det} {noun}, {motion}')
+# eval.py --phrasing held_out prompts with these; --holdout_phrasings keeps them and their words out of training.
+# Chosen once, before any tuning, and not to be changed (a figure on them is only fair while nothing saw them).
+HELD_OUT_PHRASINGS = (
+    'this shows a {size} {color} {shape} which travels {motion}',
+    'here we see the {color} {shape}, {size}, as it goes {motion}',
+    '{motion} goes a {color} {shape} ({size})',
+    'watch one {size} {shape} in {color} heading {motion}',
+    'the {shape} is {size} and {color} and it is sliding {motion}',
+    'a {color}, {size} {shape} drifting {motion} across the canvas',
 )
+HELD_OUT_WORDS = ('this', 'shows', 'which', 'here', 'we', 'see', 'as', 'it', 'watch', 'in', 'across', 'canvas')
+CAPTIONS_VERSION = 2  # 1: the canonical caption and six paraphrases; 2: the grammar above
 WORD_TO_ATTR = {w: (attr, v) for attr in ATTRIBUTES for v in VALUES[attr] for w in SYNONYMS.get(v, (v,))}
 
 
-def caption(attrs: dict, rng: np.random.Generator | None = None) -> str:
-    """The canonical caption, or (given an rng) a canonical one half the time and a paraphrase otherwise."""
+def made_up_word(rng: np.random.Generator) -> str:
+    """A random lower-case non-word (consonant-vowel syllables), never an attribute or a held-out word."""
+    while True:
+        syllables = rng.integers(1, 4)
+        w = ''.join(rng.choice(list('bcdfgklmnprstvz')) + rng.choice(list('aeiou')) for _ in range(syllables))
+        if w not in WORD_TO_ATTR and w not in HELD_OUT_WORDS:
+            return w
+
+
+def caption(attrs: dict, rng: np.random.Generator | None = None, made_up: float = 0.2,
+            held_out_share: float = 0.0) -> str:
+    """The canonical caption, or (given an rng) the canonical one half the time and otherwise a phrasing of the
+    grammar with random synonyms; `made_up` of those get a made-up word somewhere, `held_out_share` of them are
+    held-out phrasings instead (prepare_data.py --no-holdout_phrasings)."""
     if rng is None or rng.random() < 0.5:
         return CANONICAL.format(**attrs)
-    words = {k: rng.choice(SYNONYMS.get(v, (v,))) for k, v in attrs.items()}
-    return PARAPHRASES[rng.integers(len(PARAPHRASES))].format(**words)
+    if rng.random() < held_out_share:
+        return held_out_caption(attrs, rng)
+    words = {k: str(rng.choice(SYNONYMS.get(v, (v,)))) for k, v in attrs.items()}
+    noun = NOUNS[rng.integers(len(NOUNS))].format(**words)
+    text = SENTENCES[rng.integers(len(SENTENCES))].format(
+        det=DETERMINERS[rng.integers(len(DETERMINERS))], noun=noun, ing=PARTICIPLES[rng.integers(len(PARTICIPLES))],
+        verb=VERBS[rng.integers(len(VERBS))], motion=words['motion'])
+    text = ' '.join(text.replace(',:', ':').replace(',,', ',').split()).strip(',').strip()
+    if rng.random() < made_up:
+        parts = text.split(' ')
+        parts.insert(int(rng.integers(len(parts) + 1)), made_up_word(rng))
+        text = ' '.join(parts)
+    return text
+
+
+def shapes_words(held_out: bool) -> set[str]:
+    """The words shapes captions are made of (the made-up ones aside); with the held-out phrasings' unless held_out."""
+    texts = [CANONICAL, *NOUNS, *DETERMINERS, *PARTICIPLES, *VERBS, *SENTENCES, *WORD_TO_ATTR]
+    texts += [] if held_out else list(HELD_OUT_PHRASINGS)
+    return {w for t in texts for w in normalize_text(t.replace('{', ' {').replace('}', '} ')).split()
+            if not w.startswith(('{', '}'))} - {'size', 'color', 'shape', 'motion', 'det', 'noun', 'ing', 'verb'}
+
+
+def held_out_caption(attrs: dict, rng: np.random.Generator) -> str:
+    """A prompt in one of HELD_OUT_PHRASINGS, with random synonyms."""
+    words = {k: str(rng.choice(SYNONYMS.get(v, (v,)))) for k, v in attrs.items()}
+    return HELD_OUT_PHRASINGS[rng.integers(len(HELD_OUT_PHRASINGS))].format(**words)
+
+
+def normalize_text(text: str) -> str:
+    """What the text encoder reads: lower case, words only (punctuation to spaces), single spaces."""
+    return ' '.join(re.sub(r"[^\w']+", ' ', text.lower()).split())
 
 
 def parse_holdout(text: str) -> list[dict]:
@@ -128,8 +187,11 @@ def shape_coverage(shape: str, dx: torch.Tensor, dy: torch.Tensor, w) -> torch.T
     return (0.5 - sd).clamp(0, 1)  # a one-pixel linear ramp across the edge
 
 
-def sample_shapes(n: int, size: int, frames: int, rng: np.random.Generator, holdout=()) -> list[dict]:
-    """Draw n clips' attributes and trajectories (centres in pixels, per frame) under the rules of SHAPES.md."""
+def sample_shapes(n: int, size: int, frames: int, rng: np.random.Generator, holdout=(),
+                  edges: float = 0.0) -> list[dict]:
+    """Draw n clips' attributes and trajectories (centres in pixels, per frame) under the rules of SHAPES.md.
+    A share `edges` of them starts closer to the edge it moves to (0.2 of the canvas up to its travel), reaches
+    it during the clip and stays there: what a story's later prompt meets where the object already travelled."""
     combos = [c for c in COMBOS if not is_held_out(dict(zip(ATTRIBUTES, c)), holdout)]
     if not combos:
         raise DataError('--holdout removes every combination; nothing is left to train on')
@@ -142,8 +204,12 @@ def sample_shapes(n: int, size: int, frames: int, rng: np.random.Generator, hold
         lo, hi = w / 2, size - w / 2  # the centre's range that keeps the whole shape inside the canvas
         along = rng.uniform(lo + dist, hi) if mx + my < 0 else rng.uniform(lo, hi - dist)
         across = rng.uniform(lo, hi)
+        room = dist
+        if edges and rng.random() < edges:  # the edge is `room` away, less than the travel: it stops there
+            room = rng.uniform(0.2 * size, dist)
+            along = lo + room if mx + my < 0 else hi - room
         t = np.linspace(0, 1, frames)
-        moving = along + (mx + my) * dist * t
+        moving = along + (mx + my) * np.minimum(dist * t, room)
         cx, cy = (moving, np.full(frames, across)) if mx else (np.full(frames, across), moving)
         out.append(dict(attrs=attrs, width=w, cx=cx, cy=cy))
     return out
@@ -266,7 +332,7 @@ def read_clip(video: np.ndarray) -> dict:
 def parse_caption(text: str) -> dict:
     """The attributes a shapes caption names (synonyms understood), e.g. for judging a prompt."""
     attrs = {}
-    for word in text.lower().replace(',', ' ').split():
+    for word in normalize_text(text).split():
         if word in WORD_TO_ATTR:
             attr, value = WORD_TO_ATTR[word]
             attrs[attr] = value
@@ -354,6 +420,8 @@ def named_encoding(name: str) -> tiktoken.Encoding:
 
 
 def make_text_meta(captions: list[str], encoding: str, vocab_size: int, text_len: int) -> dict:
+    """The text vocabulary: a BPE learnt from the normalised captions, or a named tiktoken encoding."""
+    captions = [normalize_text(c) for c in captions]
     if encoding == 'bpe':
         ranks = train_bpe(captions, vocab_size - 1)  # one id is kept for the pad token
         meta = dict(name='nanovideo_bpe', pat_str=PAT_STR, ranks=ranks_to_text(ranks), special_tokens={PAD: len(ranks)})
@@ -363,15 +431,28 @@ def make_text_meta(captions: list[str], encoding: str, vocab_size: int, text_len
         meta = dict(name=encoding, pat_str=enc._pat_str, ranks=None, special_tokens={}, pad_id=enc.eot_token)
     meta['vocab_size'] = get_encoding(meta).n_vocab
     meta['text_len'] = text_len
+    meta['normalize'] = True  # texts pass through normalize_text before encoding (absent in older datasets)
     return meta
+
+
+def text_tokens(texts: list[str], text_meta: dict) -> list[list[int]]:
+    """The token ids of each text, normalised first (normalize_text) when the vocabulary was made that way."""
+    if text_meta.get('normalize'):
+        texts = [normalize_text(t) for t in texts]
+    return get_encoding(text_meta).encode_ordinary_batch(texts)
+
+
+def caption_words(captions: list[str]) -> list[str]:
+    """The words of the captions, as the text encoder reads them (sample.py names a prompt's other words)."""
+    return sorted({w for c in captions for w in normalize_text(c).split()})
 
 
 def encode_captions(captions: list[str], text_meta: dict) -> tuple[np.ndarray, int]:
     """Token ids (N, text_len) padded with pad_id, and how many captions were cut to fit."""
-    enc, L = get_encoding(text_meta), text_meta['text_len']
+    L = text_meta['text_len']
     ids = np.full((len(captions), L), text_meta['pad_id'], dtype=np.int32)
     cut = 0
-    for i, toks in enumerate(enc.encode_ordinary_batch(captions)):
+    for i, toks in enumerate(text_tokens(captions, text_meta)):
         cut += len(toks) > L
         ids[i, :min(len(toks), L)] = toks[:L]
     return ids, cut
@@ -385,7 +466,7 @@ def make_shapes(args, tmp: str) -> dict:
     out = {}
     for split, n, seed in (('train', args.n_train, args.seed), ('val', args.n_val, args.seed + 1)):
         rng = np.random.default_rng(seed)  # independent draws per split
-        clips = sample_shapes(n, args.size, args.frames, rng, holdout if split == 'train' else ())
+        clips = sample_shapes(n, args.size, args.frames, rng, holdout if split == 'train' else (), args.edges)
         mm = np.memmap(os.path.join(tmp, f'{split}_clips.u8'), dtype=np.uint8, mode='w+',
                        shape=(n, args.frames, args.size, args.size, 3))
         chunk = max(1, 2 ** 22 // (args.frames * args.size * args.size))
@@ -395,7 +476,9 @@ def make_shapes(args, tmp: str) -> dict:
                 bar.update(len(clips[i:i + chunk]))
         mm.flush()
         del mm
-        out[split] = dict(n=n, captions=[caption(c['attrs'], rng) for c in clips])
+        share = 0.0 if split == 'val' or args.holdout_phrasings else 0.15  # a seventh of the grammar's phrasings
+        out[split] = dict(n=n, captions=[caption(c['attrs'], rng, held_out_share=share) for c in clips])
+    out['words'] = sorted(set(caption_words(out['train']['captions'])) & shapes_words(args.holdout_phrasings))
     return out
 
 
@@ -733,7 +816,12 @@ def get_args(argv=None):
     p.add_argument('--holdout', default='', help='shapes: comma-separated combinations kept out of train, e.g. "green triangle,small cyan"')
     p.add_argument('--text_encoding', default='bpe', help='bpe (a byte-level BPE trained on the captions, offline) or a tiktoken name such as gpt2')
     p.add_argument('--vocab_size', type=int, default=512, help='bpe: vocabulary size (an upper bound: merges stop when words are whole)')
-    p.add_argument('--text_len', type=int, default=16, help='caption ids are padded or cut to this many tokens')
+    p.add_argument('--edges', type=float, default=0.0, help='shapes: share of clips whose object reaches the edge '
+                   'it moves to and stops there (pipeline.sh: 0.25, for stories)')
+    p.add_argument('--holdout_phrasings', action=argparse.BooleanOptionalAction, default=True,
+                   help='shapes: keep HELD_OUT_PHRASINGS and their words out of the training captions, so eval.py '
+                        '--phrasing held_out measures wordings the model never read')
+    p.add_argument('--text_len', type=int, default=24, help='caption ids are padded or cut to this many tokens')
     return p.parse_args(argv)
 
 
@@ -751,6 +839,8 @@ def check_args(args) -> None:
         raise DataError('--dataset shapes is procedural and takes no --src')
     if args.dataset != 'shapes' and args.holdout:
         raise DataError('--holdout applies to --dataset shapes only')
+    if not 0 <= args.edges <= 1:
+        raise DataError(f'--edges is a share of the clips: between 0 and 1, got {args.edges}')
     if args.dataset == 'shapes':
         parse_holdout(args.holdout)
     if args.text_encoding == 'bpe' and args.vocab_size < 257:
@@ -766,7 +856,7 @@ def check_args(args) -> None:
 
 def dataset_flags(args) -> dict:
     """The flags that define the dataset's content: equal flags mean an existing dataset can be reused."""
-    keys = {'shapes': ('size', 'frames', 'fps', 'n_train', 'n_val', 'seed', 'holdout'),
+    keys = {'shapes': ('size', 'frames', 'fps', 'n_train', 'n_val', 'seed', 'holdout', 'holdout_phrasings', 'edges'),
             'folder': ('src', 'size', 'frames', 'fps', 'stride', 'val_frac'),
             'mnist': ('src', 'size', 'frames', 'fps', 'n_train', 'n_val', 'seed')}[args.dataset]
     flags = {k: getattr(args, k) for k in keys} | dict(dataset=args.dataset, text_encoding=args.text_encoding,
@@ -775,6 +865,7 @@ def dataset_flags(args) -> dict:
         flags['src'] = os.path.abspath(flags['src'])
     if args.dataset == 'shapes':
         flags['holdout'] = ','.join(' '.join(h.values()) for h in parse_holdout(args.holdout))
+        flags['captions'] = CAPTIONS_VERSION
     return flags
 
 
@@ -819,6 +910,8 @@ def prepare(args) -> str:
         meta = dict(version=FORMAT_VERSION, dataset=args.dataset, frames=args.frames, size=args.size, fps=args.fps,
                     channels=3, counts={s: made[s]['n'] for s in ('train', 'val')}, text_len=args.text_len,
                     text=text, captions_cut=cut, holdout=flags.get('holdout', ''), flags=flags,
+                    words=made.get('words') or caption_words(made['train']['captions']),
+                    holdout_phrasings=bool(flags.get('holdout_phrasings')),
                     report=made.get('report', {}))
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump(meta, f, indent=1)

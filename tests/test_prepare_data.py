@@ -108,14 +108,14 @@ def test_shapes_format_round_trip_holdout_and_paraphrases(tmp_path):
     assert meta['counts'] == {'train': 400, 'val': 40} and meta['frames'] == 17 and meta['size'] == 32
     train = pd.load_split(str(out), 'train')
     assert train['clips'].shape == (400, 17, 32, 32, 3) and train['clips'].dtype == np.uint8
-    assert train['ids'].shape == (400, 16) and len(train['captions']) == 400
+    assert train['ids'].shape == (400, 24) and len(train['captions']) == 400
     enc = pd.get_encoding(meta['text'])
     pad = meta['text']['pad_id']
     for i in range(0, 400, 37):  # stored clips, ids and captions agree with each other
         got = pd.read_clip(train['clips'][i])
         assert got['valid'] and pd.parse_caption(train['captions'][i]) == {a: got[a] for a in pd.ATTRIBUTES}
         ids = [t for t in train['ids'][i] if t != pad]
-        assert enc.decode(ids) == train['captions'][i]
+        assert enc.decode(ids) == pd.normalize_text(train['captions'][i])  # punctuation out, as prompts
     for cap in train['captions']:  # held-out combinations never reach train
         attrs = pd.parse_caption(cap)
         assert not (attrs['color'] == 'green' and attrs['shape'] == 'triangle')
@@ -134,6 +134,39 @@ def test_shapes_format_round_trip_holdout_and_paraphrases(tmp_path):
     code, log = run('--out', str(out), '--n_train', '300', '--n_val', '40', '--size', '32', '--force')
     assert code == 0 and pd.load_meta(str(out))['counts']['train'] == 300
     assert sorted(os.listdir(tmp_path)) == ['shapes']  # no temporary directories left behind
+
+
+def test_held_out_phrasings_never_reach_train(tmp_path):
+    code, log = run('--out', str(tmp_path / 'h'), '--n_train', '300', '--n_val', '8', '--size', '16', '--frames', '3')
+    assert code == 0, log
+    meta = pd.load_meta(str(tmp_path / 'h'))
+    words = {w for c in pd.load_split(str(tmp_path / 'h'), 'train')['captions'] for w in pd.normalize_text(c).split()}
+    assert meta['holdout_phrasings'] and not words & set(pd.HELD_OUT_WORDS)
+    assert len(words - set(meta['words'])) > 5  # made-up words are in captions but not in the words the model knows
+    assert set(meta['words']) <= pd.shapes_words(True) and {'gliding', 'there', 'large'} <= set(meta['words'])
+    code, log = run('--out', str(tmp_path / 'all'), '--n_train', '300', '--n_val', '8', '--size', '16', '--frames', '3',
+                    '--no-holdout_phrasings')
+    assert code == 0, log
+    words = {w for c in pd.load_split(str(tmp_path / 'all'), 'train')['captions'] for w in pd.normalize_text(c).split()}
+    assert words & set(pd.HELD_OUT_WORDS) and not pd.load_meta(str(tmp_path / 'all'))['holdout_phrasings']
+
+
+def test_every_phrasing_names_its_attributes():
+    rng = np.random.default_rng(0)
+    for combo in pd.COMBOS:
+        attrs = dict(zip(pd.ATTRIBUTES, combo))
+        for _ in range(10):
+            assert pd.parse_caption(pd.caption(attrs, rng)) == attrs
+            assert pd.parse_caption(pd.held_out_caption(attrs, rng)) == attrs
+    assert pd.caption(attrs) == pd.CANONICAL.format(**attrs)
+
+
+def test_text_normalisation_gives_the_clean_prompts_ids():
+    meta = pd.make_text_meta([pd.caption(dict(zip(pd.ATTRIBUTES, c))) for c in pd.COMBOS], 'bpe', 300, 24)
+    raw = '  A Big,  RED circle... moving LEFT!\n'
+    clean, messy = pd.text_tokens(['a big red circle moving left', raw], meta)
+    assert clean == messy and pd.get_encoding(meta).encode_ordinary(raw) != clean
+    assert pd.normalize_text("The ball's (tiny) box;up") == "the ball's tiny box up"
 
 
 def test_bpe_round_trip():
