@@ -138,6 +138,9 @@ class PriorConfig:
     pad_id: int = 0  # the text pad id; a caption of pads only is the unconditional prompt
     grid: tuple = (5, 8, 8)  # latent (frames, height, width) of one training clip
     n_layer: int = 4  # transformer blocks
+    text_layers: int = -1  # bidirectional blocks over the text alone before it joins the video tokens; -1:
+    #                        2 for ar (held-out phrasings 0.83 -> 0.90), 0 for mask (it lost the motion with 2):
+    #                        RESULTS.md
     n_head: int = 6  # attention heads (the head size n_embd / n_head must be even for the rotary positions)
     n_embd: int = 192  # width
     dropout: float = 0.0  # in the blocks' residual branches and attention
@@ -179,6 +182,10 @@ class Prior(nn.Module):
             raise ValueError(f'prefix_prob {c.prefix_prob} is a share of the training clips: between 0 and 1')
         if c.optimizer not in ('adamw', 'muon'):
             raise ValueError(f"optimizer must be 'adamw' or 'muon', got {c.optimizer!r}")
+        if c.text_layers == -1:  # the mode's default, kept in the config (and so in the checkpoint)
+            c.text_layers = 2 if c.mode == 'ar' else 0
+        if c.text_layers < 0:
+            raise ValueError(f'text_layers {c.text_layers} is a number of blocks: 0 or more (-1: the mode\'s default)')
         self.config = c
         t, h, w = c.grid
         self.n_video = t * h * w
@@ -186,6 +193,7 @@ class Prior(nn.Module):
         self.tok_emb = nn.Embedding(c.vocab_size + 1, c.n_embd)  # + the mask token (mask mode)
         self.text_pos = nn.Parameter(torch.zeros(c.text_len, c.n_embd))
         self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(torch.zeros(n, c.n_embd)) for n in (t, h, w))
+        self.text_blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout) for _ in range(c.text_layers))
         self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout) for _ in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.n_embd)
         self.head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
@@ -212,8 +220,9 @@ class Prior(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt: dict, use_ema: bool = True) -> 'Prior':
         """The prior a train.py checkpoint holds, with its EMA weights where the run kept them. Priors saved
-        before rotary positions, prefix or image training had no such fields: they sample as they trained."""
-        config = {'rope': False, 'prefix_prob': 0.0, 'image_share': 0.0, **ckpt['config']}
+        before rotary positions, prefix or image training or text layers had no such fields: they sample as
+        they trained."""
+        config = {'rope': False, 'prefix_prob': 0.0, 'image_share': 0.0, 'text_layers': 0, **ckpt['config']}
         config.pop('first_prob', None)  # an older way to train the first frame (image_share replaced it)
         model = cls(PriorConfig(**config))
         model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model'])
@@ -231,6 +240,8 @@ class Prior(nn.Module):
     def embed(self, text, video):
         """text (B, L) ids, video (B, n) codes (n <= N, the clip's first tokens) -> (B, L + n, C)."""
         x_text = self.text_emb(text) + self.text_pos[:text.shape[1]]
+        for block in self.text_blocks:  # text positions take no rotary turn: rope_cos/sin of them are 1/0
+            x_text = block(x_text, False, (self.rope_cos[:text.shape[1]], self.rope_sin[:text.shape[1]]))
         x_video = self.tok_emb(video) + self.video_pos()[:video.shape[1]]
         return torch.cat([x_text, x_video], 1)
 
@@ -319,7 +330,7 @@ class Prior(nn.Module):
                              f'this is torch {torch.__version__}: upgrade torch (pip install -r '
                              'requirements.txt) or pass --optimizer adamw')
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        hidden = {id(p) for n, p in named if muon and p.dim() == 2 and n.startswith('blocks.')}
+        hidden = {id(p) for n, p in named if muon and p.dim() == 2 and n.startswith(('blocks.', 'text_blocks.'))}
         decay = {id(p) for n, p in named if p.dim() >= 2 and not n.startswith(('text_pos', 'pos_'))} - hidden
         pick = lambda keep: [p for n, p in named if keep(id(p))]
         groups = [{'params': pick(lambda i: i in decay), 'weight_decay': c.weight_decay},

@@ -82,6 +82,23 @@ def test_kv_cache_equals_full_recompute(cfg, given, guide_frames):
     assert torch.equal(codes[:, :given], prefix[:, :given])
 
 
+def test_text_layers_read_the_whole_prompt_and_keep_the_cache_exact():
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY, text_layers=1, cfg_drop=0.0)).eval()
+    text, codes = batch()
+    logits, _ = m(codes, text)
+    later = text.clone()
+    later[:, -1] = (later[:, -1] + 1) % 20  # the last word changes what the first text position carries
+    assert not torch.allclose(m.embed(text, codes.view(2, -1))[:, 0], m.embed(later, codes.view(2, -1))[:, 0])
+    sample = m.sample(text, cfg=2.0, temperature=0, guide_frames=1)
+    assert torch.equal(m.sample(text, cfg=2.0, temperature=0, guide_frames=1, kv_cache=False), sample)
+    muon = m.configure_optimizers('cpu')[1].param_groups[0]['params']
+    assert any(p is m.text_blocks[0].attn.qkv.weight for p in muon)  # their matrices take Muon's steps
+    old = {'config': {k: v for k, v in m.config.__dict__.items() if k != 'text_layers'},
+           'model': Prior(PriorConfig(**TINY, text_layers=0)).state_dict()}
+    assert Prior.from_checkpoint(old).config.text_layers == 0  # a checkpoint from before them loads without
+
+
 @pytest.mark.parametrize('mode', ['ar', 'mask'])
 def test_guidance_scales(mode):
     torch.manual_seed(0)
@@ -229,6 +246,9 @@ def test_bad_config():
     Prior(PriorConfig(**dict(TINY, n_embd=30), rope=False))
     with pytest.raises(ValueError, match="'adamw' or 'muon'"):
         Prior(PriorConfig(**TINY, optimizer='sgd'))
+    with pytest.raises(ValueError, match='text_layers -2 is a number of blocks'):
+        Prior(PriorConfig(**TINY, text_layers=-2))
+    assert [Prior(PriorConfig(**TINY, mode=m)).config.text_layers for m in ('ar', 'mask')] == [2, 0]  # -1: by mode
     m = Prior(PriorConfig(**TINY))
     text, codes = batch()
     with pytest.raises(ValueError, match='text must be'):
