@@ -3,6 +3,7 @@ Measure a trained model on the validation split.
 
     python eval.py --ckpt out/pipeline_tokenizer/ckpt.pt    # a codec: PSNR, SSIM, codebook use, shapes reader
     python eval.py --ckpt out/pipeline_ar/ckpt.pt           # a generator: caption accuracy of its videos (shapes)
+    python eval.py --ckpt out/pipeline_ar/ckpt.pt --phrasing held_out   # ... of prompts in unseen wordings
     python eval.py --ckpt out/pipeline_ar/ckpt.pt --story 96      # ... of two-prompt stories, per segment
     python eval.py --ckpt out/superres/ckpt.pt              # an upsampler: PSNR, SSIM against fixed upsamplings
     python eval.py --ckpt out/pipeline_ar/ckpt.pt --superres out/superres/ckpt.pt   # caption accuracy after it
@@ -13,7 +14,8 @@ A codec (the tokenizer) reconstructs --n validation clips: PSNR and SSIM (mean o
 codebook in use, and, on shapes data, the share of reconstructions that the shapes reader reads back with the
 original's four attributes. A generator makes --samples_per_prompt videos for each of --n_prompts shapes
 captions (all 192 by default): per-attribute and all-four accuracy and the invalid share, overall and apart
-for the combinations its training data held out, and the seconds per video. With --given, a generator is
+for the combinations its training data held out, and the seconds per video; --phrasing held_out words the
+prompts in phrasings no training caption uses. --story measures two-prompt stories. With --given, a generator is
 given the first frame (first) or the first and last frames (ends, diffusion only) of --n validation clips with
 their captions: the PSNR of the given frames as they come back, the caption accuracy of the videos, and for ends
 the PSNR of the frames between against the real clip and against a linear cross-fade of the two given frames.
@@ -146,7 +148,14 @@ def eval_generator(model, tok, ckpt: dict, args, settings: dict) -> dict:
     if args.n_prompts < len(combos):
         pick = np.random.default_rng(args.seed).choice(len(combos), args.n_prompts, replace=False)
         combos = [combos[i] for i in pick]
-    prompts = [prepare_data.caption(a) for a in combos for _ in range(args.samples_per_prompt)]
+    rng = np.random.default_rng(args.seed)
+    write = {'canonical': lambda a: prepare_data.caption(a),
+             'held_out': lambda a: prepare_data.held_out_caption(a, rng),
+             'train': lambda a: prepare_data.caption(a, rng, made_up=0.0)}[args.phrasing]
+    prompts = [write(a) for a in combos for _ in range(args.samples_per_prompt)]
+    if args.phrasing == 'held_out' and meta.get('flags', {}).get('holdout_phrasings') is False:
+        print('warning: this model\'s training captions did not hold the held-out phrasings out '
+              '(prepare_data.py --holdout_phrasings), so they are not new to it', file=sys.stderr)
     upsamplers = sample.load_upsamplers(args.superres, args.device)
     videos, big, g, t0 = [], [], torch.Generator(device=args.device).manual_seed(args.seed), time.time()
     g_sr = torch.Generator(device=args.device).manual_seed(args.seed)  # its own, so --sr_noise keeps the videos
@@ -167,6 +176,7 @@ def eval_generator(model, tok, ckpt: dict, args, settings: dict) -> dict:
         held = np.array([prepare_data.is_held_out(prepare_data.parse_caption(p), holdout) for p in prompts])
         for name, keep in (('seen', ~held), ('held_out', held)):
             out[name] = prepare_data.caption_accuracy(videos[keep], [p for p, k in zip(prompts, keep) if k])
+    out['phrasing'] = args.phrasing
     out['seconds_per_video'] = (time.time() - t0) / len(prompts)
     return out
 
@@ -174,51 +184,61 @@ def eval_generator(model, tok, ckpt: dict, args, settings: dict) -> dict:
 OPPOSITE = {'left': 'right', 'right': 'left', 'up': 'down', 'down': 'up'}
 
 
+def room(frame: np.ndarray, motion: str) -> float:
+    """The free canvas between the object in a uint8 (H, W, 3) frame and the edge it would move to, as a share
+    of the side (0 when there is no object)."""
+    ys, xs = np.nonzero(frame.max(-1) > 0.35 * 255)
+    if len(xs) == 0:
+        return 0.0
+    S = frame.shape[0]
+    free = {'left': xs.min(), 'right': S - 1 - xs.max(), 'up': ys.min(), 'down': S - 1 - ys.max()}[motion]
+    return float(free) / S
+
+
 @torch.no_grad()
 def eval_story(model, tok, ckpt: dict, args, settings: dict) -> dict:
-    """Two-prompt stories: one object that turns round, its motion changing from A's to the opposite in B, made
-    through the sliding window; B's windows start at frame --story_cut (None: after one clip; 0: the even split
-    of sample.py --story "A|B"). Each segment is judged on its first training-length clip. A shape of the
-    training clips travels 0.35-0.5 of the canvas in a clip and never leaves it, so it can keep going one way
-    for about one clip; after that, turning round is the one motion it has room for."""
+    """Two-prompt stories: one object whose motion changes from A's to another (any of the three others, right
+    angles included; --story_motion opposite: the reverse only), made as sample.py --story "A|B" makes them,
+    with the frames shared out between A and B in the same way. Each segment is judged on its own frames."""
     shapes_only(ckpt)
     t, ft = model.config.grid[0], sample.time_factor(tok)
-    clip, frames, cut = 1 + ft * (t - 1), args.story_frames, args.story_cut
-    if frames <= clip or (frames - 1) % ft:
-        raise train.TrainError(f'--story_frames must be 1 + {ft}k and more than the {clip} of a clip, got {frames}')
-    n_latent, context = 1 + (frames - 1) // ft, (t + 1) // 2
+    frames = args.story_frames
+    if frames < 1 + 2 * ft or (frames - 1) % ft:
+        raise train.TrainError(f'--story_frames must be 1 + {ft}k and at least {1 + 2 * ft}, got {frames}')
     if not 1 <= args.turn_context < t:
         raise train.TrainError(f'--turn_context must be between 1 and {t - 1} latent frames, got {args.turn_context}')
-    n_win = sample.windows_needed(n_latent, t, context)
-    starts = [sample.window_start_frame(k, t, context, ft) for k in range(1, n_win)]
-    if cut is None:
-        cut = clip
-    elif cut == 0:
-        cut = starts[sample.story_windows(['A', 'B'], n_win).index('B') - 1]
-    if cut not in starts:
-        raise train.TrainError(f'--story_cut must be a frame where a window starts, one of {starts}, got {cut}')
-    if cut + clip > frames:
-        raise train.TrainError(f'--story_frames {frames} leaves the second prompt fewer than {clip} frames; give more')
-    windows = ['A' if k == 0 or starts[k - 1] < cut else 'B' for k in range(n_win)]  # A is frames [0, cut)
+    ends, context = sample.story_split(2, frames, ft), (t + 1) // 2
+    (a0, a1), (b0, b1) = sample.part_frames(ends, ft)
     rng = np.random.default_rng(args.seed)
     stories = []
     for _ in range(args.story):
         a = dict(zip(prepare_data.ATTRIBUTES, prepare_data.COMBOS[rng.integers(len(prepare_data.COMBOS))]))
-        stories.append((prepare_data.caption(a), prepare_data.caption(dict(a, motion=OPPOSITE[a['motion']]))))
+        others = [m for m in prepare_data.MOTIONS if m != a['motion']]
+        turn = OPPOSITE[a['motion']] if args.story_motion == 'opposite' else others[rng.integers(len(others))]
+        stories.append((prepare_data.caption(a), prepare_data.caption(dict(a, motion=turn))))
     g, t0, seg_a, seg_b = torch.Generator(device=args.device).manual_seed(args.seed), time.time(), [], []
     for i in range(0, len(stories), args.batch_size):
         part = stories[i:i + args.batch_size]
-        ids = [sample.encode_prompts([s[w == 'B'] for s in part], ckpt['data_meta']).to(args.device) for w in windows]
+        ids = [sample.encode_prompts([s[k] for s in part], ckpt['data_meta']).to(args.device) for k in (0, 1)]
         with train.autocast(args.device, args.dtype):
-            codes = sample.sample_long(model, ids, n_latent, context, generator=g, turn_context=args.turn_context,
+            codes = sample.sample_long(model, ids, ends, context, generator=g, turn_context=args.turn_context,
                                        **settings)
             videos = prepare_data.to_uint8(train.to_clips(model.reads, tok, codes))  # (n, frames, H, W, 3)
-        seg_a.append(videos[:, :clip])
-        seg_b.append(videos[:, cut:cut + clip])
-    return {'frames': frames, 'segment_frames': [[0, cut], [cut, frames]],
-            'segment_1': prepare_data.caption_accuracy(np.concatenate(seg_a), [s[0] for s in stories]),
-            'segment_2': prepare_data.caption_accuracy(np.concatenate(seg_b), [s[1] for s in stories]),
-            'seconds_per_video': (time.time() - t0) / len(stories)}
+        seg_a.append(videos[:, a0:a1])
+        seg_b.append(videos[:, b0:b1])
+    seg_a, seg_b, second = np.concatenate(seg_a), np.concatenate(seg_b), [s[1] for s in stories]
+    reverse = np.array([prepare_data.parse_caption(b)['motion'] == OPPOSITE[prepare_data.parse_caption(a)['motion']]
+                        for a, b in stories])
+    # the reader needs 0.15 of the canvas of travel: where B starts closer to its edge, no video can be right
+    free = np.array([room(v[-1], prepare_data.parse_caption(b)['motion']) >= 0.15 for v, b in zip(seg_a, second)])
+    out = {'frames': frames, 'segment_frames': [[a0, a1], [b0, b1]], 'motion_change': args.story_motion,
+           'segment_1': prepare_data.caption_accuracy(seg_a, [s[0] for s in stories]),
+           'segment_2': prepare_data.caption_accuracy(seg_b, second)}
+    parts = (('reverse', reverse), ('right_angle', ~reverse)) if args.story_motion == 'any' else ()
+    for name, keep in (*parts, ('with_room', free), ('without_room', ~free)):  # the second segment, apart
+        out[f'segment_2_{name}'] = prepare_data.caption_accuracy(seg_b[keep], [s for s, k in zip(second, keep) if k])
+    out['seconds_per_video'] = (time.time() - t0) / len(stories)
+    return out
 
 
 @torch.no_grad()
@@ -276,8 +296,11 @@ def get_args(argv=None):
     p.add_argument('--seed', type=int, default=0, help='generator: sampling seed')
     p.add_argument('--story', type=int, default=0, help='generator: measure this many two-prompt stories instead')
     p.add_argument('--story_frames', type=int, default=65, help='generator: frames of each story video')
-    p.add_argument('--story_cut', type=int, default=None, help='generator: the frame where the second prompt starts '
-                   '(default: after one training clip; 0 = the even split of sample.py --story)')
+    p.add_argument('--story_motion', choices=['any', 'opposite'], default='any', help="generator: the story's "
+                   'second motion: any of the three others (right angles included) or the opposite one')
+    p.add_argument('--phrasing', choices=['canonical', 'held_out', 'train'], default='canonical',
+                   help='generator: prompts in the canonical caption, in held-out phrasings that no training '
+                        'caption uses (prepare_data.py --holdout_phrasings), or in the training grammar')
     p.add_argument('--turn_context', type=int, default=1, help='generator: latent frames kept where the prompt '
                    'changes (as sample.py --turn_context)')
     p.add_argument('--given', choices=['first', 'ends'], default=None, help='generator: give it the first frame '

@@ -3,6 +3,7 @@ Text to video: prompt -> ids -> a generator -> the tokenizer's decoder (codes, l
 
     python sample.py --ckpt out/pipeline_ar/ckpt.pt --prompt "a big red circle moving left" --num_samples 8 --seed 0
     python sample.py --ckpt out/pipeline_ar/ckpt.pt --frames 33 --story "a red ball moving left|a red ball moving up"
+    python sample.py --ckpt out/film_ar/ckpt.pt --num_samples 4        # a model of uncaptioned videos: no prompt
     python sample.py --ckpt out/pipeline_ar/ckpt.pt --prompt "a blue box moving down" --image first_frame.png
     python sample.py --ckpt out/pipeline_ar/ckpt.pt --prompt "a red ball moving up" --superres out/superres/ckpt.pt
     python sample.py --ckpt out/pipeline_diffusion/ckpt.pt --prompt "a big red circle moving left" --steps 32
@@ -10,8 +11,9 @@ Text to video: prompt -> ids -> a generator -> the tokenizer's decoder (codes, l
 Writes, per prompt, a GIF (and MP4) and a raw .npy (T, H, W, 3) uint8 per sample, a PNG contact sheet (a row
 per sample), and one line per sample in samples.jsonl (file, prompt, seed, settings), so every sample can be
 reproduced and judged. Videos longer than the training clip are made through a sliding window over latent
-frames (frames, for a model of pixels), keeping --context of them from the last window; a story gives each
-window its own prompt.
+frames (frames, for a model of pixels), keeping --context of them from the last window; a story shares the
+frames out between its prompts. Prompts are normalised (prepare_data.normalize_text) and checked against the
+words of the training captions.
 """
 import argparse
 import json
@@ -102,17 +104,41 @@ def tokenizer_of(model, ckpt: dict, device: str):
 
 
 def encode_prompts(prompts: list[str], meta: dict) -> torch.Tensor:
-    """Prompts -> (n, text_len) ids, refusing empty or too long ones."""
-    enc, L, pad = prepare_data.get_encoding(meta['text']), meta['text_len'], meta['text']['pad_id']
+    """Prompts -> (n, text_len) ids, refusing too long ones; the empty prompt '' is the unconditional one (pads)."""
+    L, pad = meta['text_len'], meta['text']['pad_id']
     ids = torch.full((len(prompts), L), pad, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if not p.strip():
-            raise SampleError('empty prompt; give some text, e.g. --prompt "a big red circle moving left"')
-        toks = enc.encode_ordinary(p)
+    for i, (p, toks) in enumerate(zip(prompts, prepare_data.text_tokens(prompts, meta['text']))):
         if len(toks) > L:
             raise SampleError(f'prompt "{p}" is {len(toks)} tokens; this model reads at most {L}')
-        ids[i, :len(toks)] = torch.tensor(toks)
+        ids[i, :len(toks)] = torch.tensor(toks, dtype=torch.long)
     return ids
+
+
+def captioned(meta: dict) -> bool:
+    """Whether the model's training clips had captions (datasets before meta['words'] are taken to have them)."""
+    if 'words' in meta:
+        return bool(meta['words'])
+    return meta.get('report', {}).get('captioned_videos', 1) > 0
+
+
+def unknown_words(prompt: str, meta: dict) -> list[str]:
+    """The prompt's words that no training caption contains ([] when the data does not list its words)."""
+    known = set(meta.get('words') or ())
+    return [w for w in dict.fromkeys(prepare_data.normalize_text(prompt).split()) if known and w not in known]
+
+
+def check_prompt(prompt: str, meta: dict) -> None:
+    """Refuse a prompt the model cannot read at all, and warn about the words it never saw in training."""
+    words = prepare_data.normalize_text(prompt).split()
+    unknown = unknown_words(prompt, meta)
+    if words and len(unknown) == len(words):
+        known = meta['words']
+        listing = ', '.join(known[:80]) + (f' ... ({len(known)} in all)' if len(known) > 80 else '')
+        raise SampleError(f'no word of the prompt "{prompt}" is in a training caption, so the model cannot read it; '
+                          f'it knows: {listing}')
+    if unknown:
+        print(f'warning: no training caption has {", ".join(repr(w) for w in unknown)}: the model reads the prompt '
+              f'without {"it" if len(unknown) == 1 else "them"} (prompt "{prompt}")', file=sys.stderr)
 
 
 def time_factor(tok) -> int:
@@ -120,52 +146,73 @@ def time_factor(tok) -> int:
     return 1 if tok is None else tok.config.factors[0]
 
 
-def windows_needed(n_latent: int, t: int, context: int) -> int:
-    return 1 + max(0, -(-(n_latent - t) // (t - context)))
+def story_split(n_parts: int, frames: int, ft: int, split: list[int] | None = None) -> list[int]:
+    """The latent frame where each part of a story ends: the video's frames shared out in proportion, or as
+    `split` (frames per part, adding up to `frames`) says. Latent frame 0 is one video frame, each later one ft."""
+    n_latent = 1 + (frames - 1) // ft
+    if split is None:
+        ends = [1 + math.ceil(((k + 1) * frames / n_parts - 1) / ft - 0.5) for k in range(n_parts)]  # ties: later
+    else:
+        if len(split) != n_parts or sum(split) != frames:
+            raise SampleError(f'--story_split gives {len(split)} parts and {sum(split)} frames; the story has '
+                              f'{n_parts} prompts and {frames} frames')
+        if split[0] < 1 or (split[0] - 1) % ft or any(f < ft or f % ft for f in split[1:]):
+            raise SampleError(f'--story_split: the first prompt takes 1 + {ft}k frames and each later one a '
+                              f'multiple of {ft} (the latent frames of the tokenizer), got {split}')
+        ends = list(1 + (sum(split[:k + 1]) - 1) // ft for k in range(n_parts))
+    ends[-1] = n_latent
+    if any(b <= a for a, b in zip([0] + ends, ends)):
+        raise SampleError(f'a story of {n_parts} prompts needs at least {1 + ft * (n_parts - 1)} frames, '
+                          f'one latent frame each; got {frames}')
+    return ends
 
 
-def story_windows(parts: list[str], n_win: int) -> list[str]:
-    """The prompt of each window: a story's parts share the windows out in order, as evenly as they can."""
-    return [parts[min(k * len(parts) // n_win, len(parts) - 1)] for k in range(n_win)]
-
-
-def window_start_frame(k: int, t: int, context: int, ft: int) -> int:
-    """The first video frame that window k (k >= 1) adds; window 0 makes frames 0 .. 1 + ft * (t - 1)."""
-    return 1 + ft * (t + (k - 1) * (t - context) - 1)
+def part_frames(ends: list[int], ft: int) -> list[list[int]]:
+    """The video frames [start, stop) of each story part from story_split's latent ends."""
+    stops = [1 + ft * (e - 1) for e in ends]
+    return [[a, b] for a, b in zip([0] + stops, stops)]
 
 
 @torch.no_grad()
-def sample_long(model, ids_per_window: list[torch.Tensor], n_latent: int, context: int, x=None, generator=None,
+def sample_long(model, ids_per_part: list[torch.Tensor], ends: list[int], context: int, x=None, generator=None,
                 turn_context: int = 1, **settings) -> torch.Tensor:
-    """What the model makes, n_latent frames long: codes (B, n_latent, h, w), or latents or clips (B, C, n_latent,
-    h, w), time always the third axis from the end. The first window from scratch (or from the given first latent
-    frames x), then windows that keep the last `context` latent frames and add the rest, each with its own prompt
-    ids. A window whose prompt differs from the last one's (a story's next part) keeps only the last
-    `turn_context` latent frames and tells the model the prompt is new: the new prompt then steers the motion
-    while the object stays where it was (on shapes, second-segment accuracy 0.20 -> 0.96 for ar: RESULTS.md)."""
-    codes = model.sample(ids_per_window[0], x=x, generator=generator, **settings)  # t latent frames
-    w = 1
-    while codes.shape[-3] < n_latent:
-        ids = ids_per_window[min(w, len(ids_per_window) - 1)]
-        turn = not torch.equal(ids, ids_per_window[min(w - 1, len(ids_per_window) - 1)])
-        keep = turn_context if turn else context
-        nxt = model.sample(ids, x=codes[..., -keep:, :, :], generator=generator, new_prompt=turn, **settings)
-        codes = torch.cat([codes, nxt[..., keep:, :, :]], -3)
-        w += 1
-    return codes[..., :n_latent, :, :]
+    """What the model makes, ends[-1] latent frames long: codes (B, n, h, w), or latents or clips (B, C, n, h, w),
+    time always the third axis from the end. Part k of a story (one prompt's ids) makes latent frames up to
+    ends[k]. The first window starts from scratch (or from the given first latent frames x); each next window
+    keeps the last `context` latent frames and adds the rest. A part's first window keeps only `turn_context`
+    and tells the model its prompt is new: the new prompt then steers the motion while the object stays where it
+    was (on shapes, second-segment accuracy 0.20 -> 0.96 for ar: RESULTS.md)."""
+    codes, last = None, None
+    for ids, end in zip(ids_per_part, ends):
+        turn = last is not None and not torch.equal(ids, last)
+        while codes is None or codes.shape[-3] < end:
+            if codes is None:
+                codes = model.sample(ids, x=x, generator=generator, **settings)  # t latent frames
+                continue
+            keep = min(turn_context if turn else context, codes.shape[-3])
+            nxt = model.sample(ids, x=codes[..., -keep:, :, :], generator=generator, new_prompt=turn, **settings)
+            codes, turn = torch.cat([codes, nxt[..., keep:, :, :]], -3), False
+        codes, last = codes[..., :end, :, :], ids
+    return codes
 
 
 def slug(text: str) -> str:
-    return re.sub(r'[^a-z0-9]+', '_', text.lower()).strip('_')[:60] or 'prompt'
+    return re.sub(r'[^a-z0-9]+', '_', text.lower()).strip('_')[:60] or 'unconditional'
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--ckpt', default='out/prior/ckpt.pt', help='a generator checkpoint written by train.py')
-    p.add_argument('--prompt', action='append', default=[], help='a prompt (repeatable)')
+    p.add_argument('--prompt', action='append', default=[], help='a prompt (repeatable); none (or "") samples '
+                   'without text, from a model trained on uncaptioned videos or with caption dropout')
     p.add_argument('--prompts', default=None, help='a file with one prompt per line')
-    p.add_argument('--story', default=None, help="prompts for consecutive windows, separated by '|' (needs --frames)")
+    p.add_argument('--story', default=None, help="prompts one after another, separated by '|'; each gets its share "
+                   'of --frames (or of --story_split)')
+    p.add_argument('--story_split', default=None, help="frames per story prompt, e.g. 17,16 (default: --frames in "
+                   'equal shares); sets --frames to their sum')
+    p.add_argument('--words', action='store_true', help="print the words of the model's training captions (the "
+                   'words it knows) and exit')
     p.add_argument('--image', default=None, help='an image file used as the first frame (image to video)')
     p.add_argument('--num_samples', type=int, default=4, help='samples per prompt')
     p.add_argument('--frames', type=int, default=None, help='frames per video, 1 + 4k; None: the training clip')
@@ -201,8 +248,24 @@ def run(args):
     upsamplers = load_upsamplers(args.superres, args.device)
     settings = model.settings(**{k: getattr(args, k, None) for k in SETTINGS})  # checked, defaults filled in
     meta = ckpt['data_meta']
+    if args.words:
+        print(' '.join(meta['words']) if 'words' in meta else 'this checkpoint\'s data does not list its words '
+              '(prepared before prepare_data.py wrote them)')
+        return
     t, ft = model.config.grid[0], time_factor(tok)
-    frames = args.frames or 1 + ft * (t - 1)
+    split = None
+    if args.story_split:
+        try:
+            split = [int(f) for f in args.story_split.split(',')]
+        except ValueError:
+            raise SampleError(f'--story_split takes frames per story prompt, e.g. 17,16; '
+                              f'got {args.story_split}') from None
+        if not args.story:
+            raise SampleError('--story_split shares the frames of a --story; give --story "p1|p2" too')
+        if args.frames is not None and args.frames != sum(split):
+            raise SampleError(f'--story_split adds up to {sum(split)} frames but --frames is {args.frames}')
+        story_split(len(args.story.split('|')), sum(split), ft, split)  # checked before the frames are
+    frames = args.frames or (sum(split) if split else 1 + ft * (t - 1))
     if frames < 1 or (frames - 1) % ft:
         raise SampleError(f'--frames must be 1 + {ft}k (e.g. {1 + ft * (t - 1)} or {1 + ft * (2 * t - 1)}), '
                           f'got {frames}')
@@ -222,9 +285,26 @@ def run(args):
             prompts += [(ln.strip(), [ln.strip()]) for ln in f if ln.strip()]
     if args.story:
         parts = [s.strip() for s in args.story.split('|')]
+        if not all(parts):
+            raise SampleError(f'--story "{args.story}" has an empty part; give a prompt between each pair of |')
         prompts.append((' | '.join(parts), parts))
-    if not prompts:
-        raise SampleError('give --prompt, --prompts or --story')
+    prompts = prompts or [('', [''])]  # no prompt: sample without text
+    for prompt, parts in prompts:
+        for part in parts:
+            if not part.strip():
+                if captioned(meta) and not getattr(model.config, 'cfg_drop', 0):
+                    raise SampleError('this model never trained without a caption (cfg_drop 0), so it cannot sample '
+                                      'without one; give --prompt, --prompts or --story')
+                if captioned(meta):
+                    print('no prompt: sampling without text (the model trained on dropped captions, '
+                          f'{model.config.cfg_drop:.0%} of them)', file=sys.stderr)
+            elif not captioned(meta):
+                raise SampleError('this model trained on videos without captions, so a prompt means nothing to it; '
+                                  'run without --prompt, --prompts and --story to sample it')
+            else:
+                check_prompt(part, meta)
+    if not captioned(meta) and 'cfg' in settings:
+        settings['cfg'] = 1.0  # no text to guide by: one pass instead of two identical ones
     x = None
     if args.image:  # image to video: the image's codes (latents, pixels) are the first latent frame, kept
         img = np.asarray(iio.imread(args.image))[None, ..., :3]
@@ -233,25 +313,26 @@ def run(args):
     record = dict(settings, frames=frames, context=context, turn_context=args.turn_context, ckpt=args.ckpt,
                   image=args.image, dtype=args.dtype, superres=args.superres, sr_noise=args.sr_noise)
     fps = meta['fps'] * math.prod(sr.config.scale_t for sr in upsamplers)
-    n_latent = 1 + (frames - 1) // ft
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'samples.jsonl'), 'a') as manifest:
         for i, (prompt, parts) in enumerate(prompts):
-            windows = story_windows(parts, windows_needed(n_latent, t, context))
-            ids = [encode_prompts([s], meta).repeat(args.num_samples, 1).to(args.device) for s in windows]
+            ends = story_split(len(parts), frames, ft, split if len(parts) > 1 else None)
+            ids = [encode_prompts([s], meta).repeat(args.num_samples, 1).to(args.device) for s in parts]
             g = torch.Generator(device=args.device).manual_seed(args.seed + i)
             t0 = time.time()
             with train.autocast(args.device, args.dtype):
                 given = None if x is None else x.expand(args.num_samples, *x.shape[1:])
-                made = sample_long(model, ids, n_latent, context, given, generator=g,
-                                   turn_context=args.turn_context, **settings)
+                made = sample_long(model, ids, ends, context, given, generator=g, turn_context=args.turn_context,
+                                   **settings)
                 videos = train.to_clips(model.reads, tok, made)
                 videos = prepare_data.to_uint8(upsample(videos, upsamplers, g, args.sr_noise))
             dt = (time.time() - t0) / args.num_samples
-            write(args, videos, prompt, fps, [dict(prompt=prompt, windows=windows, seed=args.seed + i, index=k,
-                                                           **record) for k in range(len(videos))], manifest)
+            scale_t = videos.shape[1] / frames  # a time upsampler makes more frames
+            spans = [[round(a * scale_t), round(b * scale_t)] for a, b in part_frames(ends, ft)]
+            write(args, videos, prompt, fps, [dict(prompt=prompt, parts=parts, part_frames=spans, seed=args.seed + i,
+                                                   index=k, **record) for k in range(len(videos))], manifest)
             print(f'{prompt!r}: {args.num_samples} videos of {videos.shape[1]} frames, {dt:.2f} s per video '
-                  f'-> {args.out}/{slug(prompt)}_*')
+                  f'-> {args.out}/{slug(prompt)}_*' + (f' (frames per prompt: {spans})' if len(parts) > 1 else ''))
 
 
 def write(args, videos: np.ndarray, prompt: str, fps: float, records: list[dict], manifest) -> None:

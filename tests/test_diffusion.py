@@ -286,7 +286,7 @@ def test_pipeline_script_diffusion(tmp_path):
     import sys
     from conftest import ROOT
     env = dict(os.environ, DATA=str(tmp_path / 'data'), TOK_DATA=str(tmp_path / 'tok_data'), OUT=str(tmp_path / 'out'),
-               DATA_FLAGS='--n_train 16 --n_val 4 --size 32',
+               DATA_FLAGS='--n_train 16 --n_val 4 --size 32 --text_len 48',  # held-out phrasings fit a tiny BPE
                TOK_FLAGS='--max_iters 1 --channels 8 --batch_size 2 --eval_iters 1 --dtype float32',
                SR_FLAGS='--max_iters 1 --channels 8 --n_blocks 1 --batch_size 2 --eval_iters 1 --dtype float32',
                PRIOR_FLAGS=' '.join(NET), SAMPLE_FLAGS='--num_samples 1 --steps 2', EVAL_FLAGS='--n_prompts 3 --steps 2')

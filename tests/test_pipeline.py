@@ -1,6 +1,7 @@
 """The prior's path end to end on a tiny run: train.py --model=prior, sample.py, eval.py, pipeline.sh."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -36,6 +37,7 @@ def test_prior_checkpoint_carries_tokenizer_and_codes_are_cached(run_dir):
     ckpt = torch.load(run_dir / 'ar' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_type'] == 'prior' and ckpt['config']['grid'] == (5, 8, 8)
     assert ckpt['config']['optimizer'] == 'muon' and len(ckpt['optimizer']) == 2  # the prior's recipe: Muon + AdamW
+    assert ckpt['config']['text_layers'] == 2  # ar's default, resolved in the checkpoint
     assert ckpt['tokenizer']['config']['channels'] == 8 and 'vocab_size' in ckpt['data_meta']['text']
     caches = [f for f in os.listdir(run_dir / 'shapes') if '_codes_' in f]
     assert len(caches) == 2  # train and val, encoded once for both modes
@@ -128,7 +130,8 @@ def test_long_story_and_image(run_dir, tmp_path, run):
     npys = [f for f in os.listdir(tmp_path / 'o') if f.endswith('.npy')]
     assert len(npys) == 1 and np.load(tmp_path / 'o' / npys[0]).shape == (33, 32, 32, 3)
     rec = json.loads(open(tmp_path / 'o' / 'samples.jsonl').readline())
-    assert rec['windows'][0] == 'a red circle moving left' and rec['windows'][-1] == 'a red circle moving up'
+    assert rec['parts'] == ['a red circle moving left', 'a red circle moving up']
+    assert rec['part_frames'] == [[0, 17], [17, 33]]  # the frames shared out in proportion
     code, log = run(sample, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--prompt', 'a red circle moving left',
                     '--num_samples', '1', '--steps', '3', '--out', str(tmp_path / 'm'), '--no_mp4', '--image', str(img))
     assert code == 0, log
@@ -155,15 +158,79 @@ class WindowRecorder:
 def test_story_windows_keep_less_where_the_prompt_changes(turn_context, windows):
     m = WindowRecorder()
     a, b = torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)
-    codes = sample.sample_long(m, [a, a, b, b, b], n_latent=7, context=2, turn_context=turn_context)
+    codes = sample.sample_long(m, [a, b], [4, 7], context=2, turn_context=turn_context)
     assert m.calls == windows
     assert codes.shape == (2, 7, 1, 1) and codes[0, :3].flatten().tolist() == [1, 1, 1]  # window 1 made frames 0-2
+    m = WindowRecorder()  # a part shorter than a window: its window is cut where the next part starts
+    codes = sample.sample_long(m, [a, b, a], [2, 5, 7], context=2, turn_context=1)
+    assert m.calls == [(0, False), (1, True), (2, False), (1, True)]
+    assert codes[0].flatten().tolist() == [1, 1, 2, 2, 3, 4, 4]
+
+
+@pytest.mark.parametrize('parts, frames, ends, spans', [
+    (2, 33, [5, 9], [[0, 17], [17, 33]]), (2, 65, [9, 17], [[0, 33], [33, 65]]),
+    (3, 33, [3, 6, 9], [[0, 9], [9, 21], [21, 33]]), (3, 65, [6, 12, 17], [[0, 21], [21, 45], [45, 65]]),
+    (1, 17, [5], [[0, 17]])])
+def test_story_frames_are_shared_in_proportion(parts, frames, ends, spans):
+    assert sample.story_split(parts, frames, 4) == ends and sample.part_frames(ends, 4) == spans
+
+
+def test_story_split_as_given_and_its_errors():
+    assert sample.story_split(2, 33, 4, [9, 24]) == [3, 9] and sample.story_split(3, 33, 4, [13, 8, 12]) == [4, 6, 9]
+    for parts, frames, split, words in ((2, 33, [17, 17], 'gives 2 parts and 34 frames'),
+                                        (2, 33, [16, 17], 'the first prompt takes 1 + 4k frames'),
+                                        (3, 33, [17, 16], 'the story has 3 prompts'),
+                                        (3, 5, None, 'needs at least 9 frames')):
+        with pytest.raises(sample.SampleError, match=re.escape(words)):
+            sample.story_split(parts, frames, 4, split)
+
+
+def test_prompts_as_people_write_them(run_dir, tmp_path, run):
+    ar = str(run_dir / 'ar' / 'ckpt.pt')
+    meta = train.read_checkpoint(ar)['data_meta']
+    assert torch.equal(sample.encode_prompts(['A big RED circle,  moving left!'], meta),
+                       sample.encode_prompts(['a big red circle moving left'], meta))
+    code, log = run(sample, '--ckpt', ar, '--prompt', 'a big purple circle moving left quickly', '--num_samples', '1',
+                    '--out', str(tmp_path / 'w'), '--no_mp4')
+    assert code == 0 and "no training caption has 'purple', 'quickly'" in log, log
+    code, log = run(sample, '--ckpt', ar, '--prompt', 'Purple zebras, dancing!', '--out', str(tmp_path / 'x'))
+    assert code == 2 and 'cannot read it; it knows: a, and, ball' in log and 'Traceback' not in log, log
+    assert not os.path.exists(tmp_path / 'x')
+    code, log = run(sample, '--ckpt', ar, '--words')
+    assert code == 0 and 'circle' in log.split() and 'gliding' in log.split(), log
+    code, log = run(sample, '--ckpt', ar, '--num_samples', '1', '--out', str(tmp_path / 'u'), '--no_mp4')
+    assert code == 0 and 'no prompt: sampling without text' in log, log
+    assert np.load(tmp_path / 'u' / 'unconditional_0.npy').shape == (17, 32, 32, 3)
+
+
+def test_a_model_of_uncaptioned_videos_samples_without_a_prompt(run_dir, tmp_path, run):
+    src = tmp_path / 'film'
+    src.mkdir()
+    frames = prepare_data.render_shapes(prepare_data.sample_shapes(1, 32, 40, np.random.default_rng(3)), 32)[0]
+    iio.imwrite(src / 'reel.gif', frames, duration=125, loop=0)
+    data = prepare_data.prepare(prepare_data.get_args(['--dataset', 'folder', '--src', str(src), '--out',
+                                                       str(tmp_path / 'data'), '--size', '32', '--stride', '2']))
+    assert prepare_data.load_meta(data)['words'] == []
+    assert train.main(['--model=prior', '--data', data, '--tokenizer', str(run_dir / 'tok' / 'ckpt.pt'), '--out_dir',
+                       str(tmp_path / 'ar'), '--max_iters', '2', '--eval_interval', '100', *PRIOR]) == 0
+    film = str(tmp_path / 'ar' / 'ckpt.pt')
+    code, log = run(sample, '--ckpt', film, '--num_samples', '2', '--out', str(tmp_path / 's'), '--no_mp4')
+    assert code == 0, log
+    rec = [json.loads(ln) for ln in open(tmp_path / 's' / 'samples.jsonl')]
+    assert len(rec) == 2 and rec[0]['prompt'] == '' and rec[0]['cfg'] == 1.0  # nothing to guide by
+    code, log = run(sample, '--ckpt', film, '--prompt', 'a cat', '--out', str(tmp_path / 'p'))
+    assert code == 2 and 'trained on videos without captions' in log, log
 
 
 @pytest.mark.parametrize('argv, words', [
     (['--ckpt', 'missing.pt', '--prompt', 'x'], 'train one with python train.py --model=prior'),
     (['--ckpt', 'TOK', '--prompt', 'x'], 'is a tokenizer checkpoint; sampling needs a generator'),
-    (['--prompt', '  '], 'empty prompt'),
+    (['--story', 'a red ball||a blue ball'], 'has an empty part'),
+    (['--story', 'a red ball|a blue ball', '--story_split', '17,17'], 'each later one a multiple of 4'),
+    (['--story', 'a red ball|a blue ball|a red ball', '--story_split', '17,16'], 'gives 2 parts and 33 frames'),
+    (['--story', 'a red ball|a blue ball', '--story_split', '17,x'], 'takes frames per story prompt'),
+    (['--story', 'a red ball|a blue ball', '--story_split', '17,16', '--frames', '65'], 'adds up to 33 frames'),
+    (['--prompt', 'a red ball', '--story_split', '17,16'], 'give --story'),
     (['--prompt', 'a ' * 40], 'tokens; this model reads at most'),
     (['--prompt', 'a red ball', '--frames', '20'], '--frames must be 1 + 4k'),
     (['--prompt', 'a red ball', '--guide_frames', '0'], 'guide_frames must be at least 1'),
@@ -173,7 +240,6 @@ def test_story_windows_keep_less_where_the_prompt_changes(turn_context, windows)
     (['--ckpt', 'MASK', '--prompt', 'a red ball', '--steps', '4', '--first_steps', '4'], 'first_steps must be in [0, steps)'),
     (['--prompt', 'a red ball'] + ['--refine_cfg', '2'], 'refine_cfg is a setting of mask priors'),
     (['--ckpt', 'MASK', '--prompt', 'a red ball', '--refine_steps', '-1'], 'refine_steps must be >= 0'),
-    ([], 'give --prompt, --prompts or --story'),
     (['--prompt', 'a red ball', '--num_samples', '0'], '--num_samples must be at least 1'),
     (['--prompt', 'a red ball', '--image', 'nowhere.png'], '--image nowhere.png is not a file'),
     (['--prompts', 'nowhere.txt'], '--prompts nowhere.txt is not a file'),
@@ -238,21 +304,37 @@ def test_eval_seen_and_held_out(run_dir, run):
 
 def test_eval_story_cli(run_dir, tmp_path, run):
     ar = str(run_dir / 'ar' / 'ckpt.pt')
-    code, log = run(eval_script, '--ckpt', ar, '--story', '2', '--json', str(tmp_path / 's.json'))
+    code, log = run(eval_script, '--ckpt', ar, '--story', '4', '--json', str(tmp_path / 's.json'))
     assert code == 0, log
     out = json.load(open(tmp_path / 's.json'))
-    # 65 frames = 17 latent frames in windows of 5 keeping 3 (1 where the prompt changes); the second prompt
-    # from the second window on
-    assert out['frames'] == 65 and out['segment_frames'] == [[0, 17], [17, 65]]
-    assert out['segment_1']['n'] == 2 and out['segment_2']['n'] == 2
-    code, log = run(eval_script, '--ckpt', ar, '--story', '1', '--story_cut', '0', '--json', str(tmp_path / 's.json'))
-    assert code == 0, log  # the even split of sample.py --story: the last 3 windows for the second prompt
-    assert json.load(open(tmp_path / 's.json'))['segment_frames'] == [[0, 41], [41, 65]]
-    for argv, words in ((['--story_cut', '20'], 'one of [17, 25, 33, 41, 49, 57]'),
-                        (['--story_frames', '49', '--story_cut', '41'], 'fewer than 17 frames'),
+    assert out['frames'] == 65 and out['segment_frames'] == [[0, 33], [33, 65]]  # sample.py --story's split
+    assert out['segment_1']['n'] == 4 and out['segment_2']['n'] == 4
+    assert out['segment_2_reverse']['n'] + out['segment_2_right_angle']['n'] == 4
+    assert out['segment_2_with_room']['n'] + out['segment_2_without_room']['n'] == 4
+    code, log = run(eval_script, '--ckpt', ar, '--story', '1', '--story_frames', '33', '--story_motion', 'opposite',
+                    '--json', str(tmp_path / 's.json'))
+    assert code == 0, log
+    assert json.load(open(tmp_path / 's.json'))['segment_frames'] == [[0, 17], [17, 33]]
+    for argv, words in ((['--story_frames', '20'], 'must be 1 + 4k and at least 9'),
                         (['--turn_context', '5'], '--turn_context must be between 1 and 4')):
         code, log = run(eval_script, '--ckpt', ar, '--story', '1', *argv)
         assert code == 2 and words in log and 'Traceback' not in log, log
+
+
+def test_eval_held_out_phrasings_cli(run_dir, tmp_path, run):
+    code, log = run(eval_script, '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--n_prompts', '12',
+                    '--phrasing', 'held_out')
+    assert code == 2 and 'tokens; this model reads at most 24' in log  # 24 clips' BPE has few merges
+    data = str(tmp_path / 'shapes')
+    prepare_data.prepare(prepare_data.get_args(['--out', data, '--n_train', '24', '--n_val', '8', '--size', '32',
+                                                '--text_len', '48']))
+    assert train.main(['--model=prior', '--data', data, '--tokenizer', str(run_dir / 'tok' / 'ckpt.pt'), '--out_dir',
+                       str(tmp_path / 'ar'), '--max_iters', '1', '--eval_interval', '100', *PRIOR]) == 0
+    code, log = run(eval_script, '--ckpt', str(tmp_path / 'ar' / 'ckpt.pt'), '--n_prompts', '3', '--samples_per_prompt',
+                    '1', '--phrasing', 'held_out', '--json', str(tmp_path / 'p.json'))
+    assert code == 0 and 'warning' not in log, log
+    out = json.load(open(tmp_path / 'p.json'))
+    assert out['phrasing'] == 'held_out' and out['all_prompts']['n'] == 3
 
 
 @pytest.mark.slow
@@ -269,7 +351,7 @@ def test_prior_under_ddp(run_dir, tmp_path):
 @pytest.mark.slow
 def test_pipeline_script(tmp_path):
     env = dict(os.environ, DATA=str(tmp_path / 'data'), TOK_DATA=str(tmp_path / 'tok_data'), OUT=str(tmp_path / 'out'),
-               DATA_FLAGS='--n_train 24 --n_val 8 --size 32',
+               DATA_FLAGS='--n_train 24 --n_val 8 --size 32 --text_len 48',  # held-out phrasings fit a tiny BPE
                TOK_FLAGS='--max_iters 2 --channels 8 --batch_size 2 --eval_iters 1 --dtype float32',
                PRIOR_FLAGS='--max_iters 2 ' + ' '.join(PRIOR), SAMPLE_FLAGS='--num_samples 1 --steps 2',
                SR_FLAGS='--max_iters 2 --channels 8 --n_blocks 1 --batch_size 2 --eval_iters 1 --dtype float32',
@@ -281,12 +363,14 @@ def test_pipeline_script(tmp_path):
     assert len([f for f in os.listdir(out / 'samples') if f.endswith('.gif')]) == 6
     assert np.load(out / 'samples' / 'a_big_red_circle_moving_left_0.npy').shape == (17, 64, 64, 3)  # upsampled
     assert json.load(open(out / 'accuracy.json'))['superres']['n'] == 4
+    assert json.load(open(out / 'accuracy_phrasings.json'))['phrasing'] == 'held_out'
     assert 'done in' in r.stdout
     # the tokenizer learns every combination; the prior only the data with combinations held out
     tok = torch.load(tmp_path / 'out' / 'pipeline_tokenizer' / 'ckpt.pt', weights_only=True)
     assert tok['args']['data'] == str(tmp_path / 'tok_data')
     assert json.load(open(tmp_path / 'tok_data' / 'meta.json'))['holdout'] == ''
     assert json.load(open(tmp_path / 'data' / 'meta.json'))['holdout']
+    assert json.load(open(tmp_path / 'data' / 'meta.json'))['flags']['edges'] == 0.25
     # a second run reuses the data and resumes both trainings at their end
     r = subprocess.run(['bash', os.path.join(ROOT, 'pipeline.sh'), 'mask'], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr

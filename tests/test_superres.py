@@ -181,7 +181,7 @@ def test_sr_noise_leaves_the_generated_videos_as_they_were(runs, run, monkeypatc
     (['--ckpt', 'SPACE', '--prompt', 'x'], 'is a superres checkpoint; sampling needs a generator'),
     (['--ckpt', 'AR', '--prompt', 'x', '--superres', 'AR'], 'is a prior checkpoint, not an upsampler'),
     (['--ckpt', 'AR', '--prompt', 'x', '--superres', 'nowhere.pt'], 'train one with python train.py --model=superres'),
-    (['--ckpt', 'AR', '--prompt', 'x', '--superres', 'SPACE', '--sr_noise', '-1'], 'noise must be >= 0'),
+    (['--ckpt', 'AR', '--prompt', 'a red ball', '--superres', 'SPACE', '--sr_noise', '-1'], 'noise must be >= 0'),
 ])
 def test_sample_errors(runs, tmp_path, run, argv, words):
     paths = {'SPACE': str(runs / 'space' / 'ckpt.pt'), 'AR': str(runs / 'ar' / 'ckpt.pt')}
