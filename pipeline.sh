@@ -8,8 +8,7 @@
 # Each step is a plain command you can also run alone. Re-running continues: the data is reused and an
 # interrupted training resumes from its last checkpoint. The prior's data holds out green triangles and
 # small cyan shapes, so eval.py also measures compositional generalisation on them, and (like every shapes
-# dataset) a set of phrasings, measured by the second accuracy step; a quarter of its clips end at the edge
-# they move to (--edges), as a story's later prompts find them. The tokenizer and the
+# dataset) a set of phrasings, measured by the second accuracy step. The tokenizer and the
 # upsampler never read a caption: they train on every combination (TOK_DATA), so they can draw them all.
 # The generator makes 32x32 videos and the upsampler (superres.py) turns them into 64x64 ones.
 # Extra flags per step come from the environment, e.g. PRIOR_FLAGS="--n_layer 8" bash pipeline.sh (PRIOR_FLAGS
@@ -42,7 +41,7 @@ resume() {  # --resume when an earlier run of this step left a checkpoint
     if [[ -f $1/ckpt.pt ]]; then echo --resume; else echo --no-resume; fi
 }
 
-step data python prepare_data.py --out "$DATA" --holdout "green triangle,small cyan" --edges 0.25 ${DATA_FLAGS:-}
+step data python prepare_data.py --out "$DATA" --holdout "green triangle,small cyan" ${DATA_FLAGS:-}
 step tokenizer_data python prepare_data.py --out "$TOK_DATA" ${DATA_FLAGS:-}
 step tokenizer python train.py --model=tokenizer --data "$TOK_DATA" --out_dir "$TOK" --max_iters 2000 \
     $(resume "$TOK") ${TOK_FLAGS:-}

@@ -370,7 +370,6 @@ def test_pipeline_script(tmp_path):
     assert tok['args']['data'] == str(tmp_path / 'tok_data')
     assert json.load(open(tmp_path / 'tok_data' / 'meta.json'))['holdout'] == ''
     assert json.load(open(tmp_path / 'data' / 'meta.json'))['holdout']
-    assert json.load(open(tmp_path / 'data' / 'meta.json'))['flags']['edges'] == 0.25
     # a second run reuses the data and resumes both trainings at their end
     r = subprocess.run(['bash', os.path.join(ROOT, 'pipeline.sh'), 'mask'], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
