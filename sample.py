@@ -289,21 +289,20 @@ def run(args):
             raise SampleError(f'--story "{args.story}" has an empty part; give a prompt between each pair of |')
         prompts.append((' | '.join(parts), parts))
     prompts = prompts or [('', [''])]  # no prompt: sample without text
-    for prompt, parts in prompts:
-        for part in parts:
-            if not part.strip():
-                if captioned(meta) and not getattr(model.config, 'cfg_drop', 0):
-                    raise SampleError('this model never trained without a caption (cfg_drop 0), so it cannot sample '
-                                      'without one; give --prompt, --prompts or --story')
-                if captioned(meta):
-                    print('no prompt: sampling without text (the model trained on dropped captions, '
-                          f'{model.config.cfg_drop:.0%} of them)', file=sys.stderr)
-            elif not captioned(meta):
-                raise SampleError('this model trained on videos without captions, so a prompt means nothing to it; '
-                                  'run without --prompt, --prompts and --story to sample it')
-            else:
-                check_prompt(part, meta)
-    if not captioned(meta) and 'cfg' in settings:
+    has_text = captioned(meta)
+    for part in (part for _, parts in prompts for part in parts):
+        if not has_text and part.strip():
+            raise SampleError('this model trained on videos without captions, so a prompt means nothing to it; '
+                              'run without --prompt, --prompts and --story to sample it')
+        if has_text and not part.strip():
+            if not getattr(model.config, 'cfg_drop', 0):
+                raise SampleError('this model never trained without a caption (cfg_drop 0), so it cannot sample '
+                                  'without one; give --prompt, --prompts or --story')
+            print('no prompt: sampling without text (the model trained on dropped captions, '
+                  f'{model.config.cfg_drop:.0%} of them)', file=sys.stderr)
+        elif has_text:
+            check_prompt(part, meta)
+    if not has_text and 'cfg' in settings:
         settings['cfg'] = 1.0  # no text to guide by: one pass instead of two identical ones
     x = None
     if args.image:  # image to video: the image's codes (latents, pixels) are the first latent frame, kept
