@@ -16,9 +16,13 @@ batch with sample.py's settings flags (guidance doubles the batch of each pass; 
 """
 import argparse
 import dataclasses
+import math
+import statistics
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import sample
@@ -46,6 +50,58 @@ def measured_peak(dtype: str, device: str, seconds: float) -> float:
     return best
 
 
+class PlainGPT(nn.Module):
+    """The yardstick of the ar prior's speed: a plain nanoGPT-style causal transformer of the prior's size
+    (n_layer pre-norm blocks of n_embd in n_head heads, SDPA, exact GELU), with learned absolute positions
+    over [text ; video] and nothing else: no rotary or factorised positions, no text layers, no caption
+    dropout. It takes the prior's batch and computes the prior's loss: the cross-entropy of each video token
+    from the text and the tokens before it. Its optimizers follow the prior's rule (Muon for the blocks'
+    matrices when the config says muon, AdamW for the rest), so a ratio compares the networks alone."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.config, self.n_head = c, c.n_head
+        self.text_emb, self.tok_emb = nn.Embedding(c.text_vocab, c.n_embd), nn.Embedding(c.vocab_size, c.n_embd)
+        self.pos = nn.Embedding(c.text_len + math.prod(c.grid), c.n_embd)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(c.n_embd), qkv=nn.Linear(c.n_embd, 3 * c.n_embd), proj=nn.Linear(c.n_embd, c.n_embd),
+            ln2=nn.LayerNorm(c.n_embd), fc=nn.Linear(c.n_embd, 4 * c.n_embd), out=nn.Linear(4 * c.n_embd, c.n_embd)))
+            for _ in range(c.n_layer))
+        self.ln_f, self.head = nn.LayerNorm(c.n_embd), nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        for n, p in self.named_parameters():  # nanoGPT's initialisation, the residual projections scaled down
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * c.n_layer) if n.endswith(('proj.weight', 'out.weight')) else 0.02
+                nn.init.normal_(p, std=std)
+            elif n.endswith('bias'):
+                nn.init.zeros_(p)
+
+    def forward(self, x, text):
+        B, L = text.shape
+        video = x.reshape(B, -1)  # (B, N)
+        h = torch.cat([self.text_emb(text), self.tok_emb(video[:, :-1])], 1)
+        h = h + self.pos.weight[:h.shape[1]]  # (B, S, C), S = L + N - 1
+        S, C = h.shape[1:]
+        for b in self.blocks:
+            q, k, v = b.qkv(b.ln1(h)).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + b.proj(y.transpose(1, 2).reshape(B, S, C))
+            h = h + b.out(F.gelu(b.fc(b.ln2(h))))
+        logits = self.head(self.ln_f(h[:, L - 1:]))  # (B, N, V)
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), video.flatten())
+
+    def configure_optimizers(self, device_type: str) -> list:
+        c = self.config
+        named = list(self.named_parameters())
+        hidden = [p for n, p in named if c.optimizer == 'muon' and p.dim() == 2 and n.startswith('blocks.')]
+        rest = [p for n, p in named if all(p is not q for q in hidden)]
+        groups = [{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': c.weight_decay},
+                  {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}]
+        adamw = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=device_type == 'cuda')
+        if not hidden:
+            return [adamw]
+        return [adamw, torch.optim.Muon(hidden, lr=c.lr, weight_decay=c.weight_decay, adjust_lr_fn='match_rms_adamw')]
+
+
 def synchronize(device: str) -> None:
     if device.startswith('cuda'):
         torch.cuda.synchronize()
@@ -66,6 +122,9 @@ def get_args(argv=None):
     p.add_argument('--warmup', type=int, default=3, help='untimed steps first (compilation happens here)')
     p.add_argument('--peak_seconds', type=float, default=1.0, help="time spent measuring the machine's peak FLOP/s")
     p.add_argument('--sample', action='store_true', help='time sampling (a generator), not training')
+    p.add_argument('--baseline', action=argparse.BooleanOptionalAction, default=None,
+                   help='an ar prior: also time a plain GPT of the same size, in turn with it, and print the ratio '
+                        '(default: on for an ar prior\'s training step)')
     train.add_config_flags(p, cfg_cls)
     sample.add_sampling_flags(p)
     args = p.parse_args(argv)
@@ -75,6 +134,10 @@ def get_args(argv=None):
         latent, res = config.space == 'latent', config.resolution or 32
         config = dataclasses.replace(config, in_channels=4 if latent else 3,
                                      grid=config.grid or ((5, res // 4, res // 4) if latent else (args.frames, res, res)))
+    ar = args.model == 'prior' and config.mode == 'ar'
+    if args.baseline and (not ar or args.sample):
+        p.error('--baseline times the training step of an ar prior (--model=prior --mode=ar, no --sample)')
+    args.baseline = ar and not args.sample if args.baseline is None else args.baseline
     return args, config
 
 
@@ -103,37 +166,60 @@ def main(argv=None) -> dict:
     threads = f'{torch.get_num_threads()} threads' if args.device == 'cpu' else args.device
     if args.sample:
         return bench_sample(model, x, ids, ctx, args, threads)
-    optimizers = model.configure_optimizers(args.device.split(':')[0])
-    step_model = torch.compile(model) if args.compile else model
-
-    def step(m):
-        with ctx:
-            loss = m(x, ids)[1]
-        loss.backward()
-        for o in optimizers:
-            o.step()
-            o.zero_grad(set_to_none=True)
-
-    with FlopCounterMode(display=False) as fc:  # forward + backward FLOPs of one step, eager
-        with ctx:
-            model(x, ids)[1].backward()
-    for o in optimizers:
-        o.zero_grad(set_to_none=True)
-    for _ in range(args.warmup):
-        step(step_model)
-    synchronize(args.device)
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        step(step_model)
-    synchronize(args.device)
-    dt = (time.perf_counter() - t0) / args.iters
-    flops, peak, B = fc.get_total_flops(), measured_peak(args.dtype, args.device, args.peak_seconds), x.shape[0]
+    flops = step_flops(model, x, ids, ctx)
+    runs = {args.model: model}
+    if args.baseline:
+        torch.manual_seed(0)
+        runs['baseline'] = PlainGPT(config).to(args.device)
+    times = time_steps(runs, x, ids, ctx, args)
+    dt, peak, B = times[args.model], measured_peak(args.dtype, args.device, args.peak_seconds), x.shape[0]
     tokens = f', {B * (ids.shape[1] + x[0].numel()) / dt:.0f} tokens/s' if model.reads == 'codes' else ''
     print(f'{args.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, batch {B} x '
           f'{tuple(x.shape[1:])}, {args.dtype}, compile {args.compile}, optimizer {config.optimizer}, {threads}')
-    print(f'{dt * 1000:.1f} ms/step, {B / dt:.1f} clips/s{tokens}, {flops / dt / 1e9:.1f} GFLOP/s model, '
-          f'measured peak {peak / 1e9:.0f} GFLOP/s, MFU {flops / dt / peak * 100:.1f}%')
-    return dict(ms=dt * 1000, clips_per_s=B / dt, flops=flops, mfu=flops / dt / peak)
+    print(f'{dt * 1000:.1f} ms/step (median of {args.iters}), {B / dt:.1f} clips/s{tokens}, {flops / dt / 1e9:.1f} '
+          f'GFLOP/s model, measured peak {peak / 1e9:.0f} GFLOP/s, MFU {flops / dt / peak * 100:.1f}%')
+    result = dict(ms=dt * 1000, clips_per_s=B / dt, flops=flops, mfu=flops / dt / peak)
+    if args.baseline:
+        base = times['baseline']
+        print(f'baseline, a plain GPT of the same size: {base * 1000:.1f} ms/step, '
+              f'{B * (ids.shape[1] + x[0].numel()) / base:.0f} tokens/s; the prior is {base / dt:.2f}x its speed')
+        result.update(baseline_ms=base * 1000, ratio=base / dt)
+    return result
+
+
+def step_flops(model, x, ids, ctx) -> int:
+    """Forward + backward FLOPs of one training step, counted eager."""
+    with FlopCounterMode(display=False) as fc:
+        with ctx:
+            model(x, ids)[1].backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops()
+
+
+def time_steps(runs: dict, x, ids, ctx, args) -> dict:
+    """The median seconds of a training step (forward, backward, optimizer steps) of each model in runs,
+    their steps taken in turn, so that a machine that slows down or speeds up weighs on all of them alike."""
+    steps, times = {}, {name: [] for name in runs}
+    for name, m in runs.items():
+        optimizers, compiled = m.configure_optimizers(args.device.split(':')[0]), torch.compile(m) if args.compile else m
+
+        def step(compiled=compiled, optimizers=optimizers):
+            with ctx:
+                loss = compiled(x, ids)[1]
+            loss.backward()
+            for o in optimizers:
+                o.step()
+                o.zero_grad(set_to_none=True)
+        steps[name] = step
+    for i in range(args.warmup + args.iters):
+        for name, step in steps.items():
+            synchronize(args.device)
+            t0 = time.perf_counter()
+            step()
+            synchronize(args.device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_sample(model, x, ids, ctx, args, threads: str) -> dict:

@@ -64,7 +64,7 @@ def test_checkpoints_from_before_load_sample_and_resume(run_dir, tmp_path, run):
         torch.save(old_format(torch.load(run_dir / name / 'ckpt.pt', weights_only=True)), tmp_path / f'{name}.pt')
     old = train.load_model(train.read_checkpoint(str(tmp_path / 'ar.pt')), 'cpu')
     new = train.load_model(train.read_checkpoint(str(run_dir / 'ar' / 'ckpt.pt')), 'cpu')
-    assert old.config.rope is False and torch.all(old.rope_sin == 0)  # trained before rotary positions: none
+    assert old.config.rope is False and old.rope is None  # trained before rotary positions: none
     text, codes = torch.ones(1, old.config.text_len, dtype=torch.long), torch.zeros(1, *old.config.grid, dtype=torch.long)
     assert not torch.allclose(old(codes, text)[0], new(codes, text)[0])
     code, log = run(sample, '--ckpt', str(tmp_path / 'mask.pt'), '--prompt', 'a red ball moving up',

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prior import Prior, PriorConfig, attend, rope_tables, rotate
+from prior import Prior, PriorConfig, attend, rope_table, rotate
 
 TINY = dict(vocab_size=30, text_vocab=20, text_len=4, grid=(3, 2, 2), n_layer=2, n_head=2, n_embd=32)
 
@@ -29,22 +29,25 @@ def test_ar_is_causal():
 
 def test_rope_depends_on_the_offset_only():
     grid, L, hd = (3, 4, 5), 2, 16
-    cos, sin = rope_tables(grid, L, hd)
+    rope = rope_table(grid, L, hd)
     q, k = torch.randn(2, hd, generator=seeded())
     pos = lambda t, h, w: L + (t * grid[1] + h) * grid[2] + w
 
     def dot(i, j):
-        return (rotate(q, cos[i], sin[i]) * rotate(k, cos[j], sin[j])).sum()
+        return (rotate(q, rope[i]) * rotate(k, rope[j])).sum()
     # the same (t, h, w) offset at two places: the same score; another offset: another score
     assert torch.allclose(dot(pos(0, 1, 2), pos(1, 3, 1)), dot(pos(1, 0, 3), pos(2, 2, 2)), atol=1e-5)
     for other in (pos(1, 3, 2), pos(1, 2, 1), pos(0, 3, 1)):  # one axis moved
         assert not torch.allclose(dot(pos(0, 1, 2), pos(1, 3, 1)), dot(pos(0, 1, 2), other), atol=1e-3)
     # text is not turned; a turn keeps the norm
-    assert torch.equal(rotate(q, cos[1], sin[1]), q) and torch.allclose(rotate(q, cos[L + 5], sin[L + 5]).norm(), q.norm())
+    assert torch.equal(rotate(q, rope[1]), q) and torch.allclose(rotate(q, rope[L + 5]).norm(), q.norm())
     # the pairs are neighbouring channels (2i, 2i + 1), as in the checkpoints trained so far
-    c, s, want = cos[L + 7], sin[L + 7], torch.empty_like(q)
+    (c, s), want = rope[L + 7].unbind(-1), torch.empty_like(q)
     want[0::2], want[1::2] = q[0::2] * c - q[1::2] * s, q[1::2] * c + q[0::2] * s
-    assert torch.allclose(rotate(q, c, s), want, atol=1e-6)
+    assert torch.allclose(rotate(q, rope[L + 7]), want, atol=1e-6)
+    # in bfloat16 the turn is computed in float32 and rounded once
+    q16 = q.bfloat16()
+    assert torch.equal(rotate(q16, rope[L + 7]), rotate(q16.float(), rope[L + 7]).bfloat16())
 
 
 @pytest.mark.parametrize('causal, n_query', [(False, 9), (True, 9), (False, 1)])
@@ -236,6 +239,9 @@ def test_overfit_one_batch_and_sample_it_back(mode, optimizer):
     m.eval()
     settings = dict(cfg=1.0, temperature=0) if mode == 'ar' else dict(cfg=1.0, temperature=0, steps=6, first_steps=2)
     assert torch.equal(m.sample(text, **settings), codes)  # it learnt both clips by heart
+    with torch.autocast('cpu', torch.bfloat16):  # and bfloat16 sampling (ar: the KV cache) draws them the same
+        assert torch.equal(m.sample(text, **settings), codes)
+        assert torch.equal(m.sample(text, **dict(settings, temperature=1.0), generator=seeded()), codes)
 
 
 def test_bad_config():

@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -53,6 +55,39 @@ def test_bench_prior(mode, flags, capsys):
     r = bench.main([*SMALL_PRIOR, f'--mode={mode}', '--sample', '--cfg', '1'])
     log = capsys.readouterr().out
     assert 's per clip' in log and "'cfg': 1.0" in log and r['per_s'] > 0
+
+
+def test_bench_times_an_ar_prior_against_a_plain_gpt(capsys):
+    r = bench.main([*SMALL_PRIOR, '--mode=ar', '--iters', '2', '--warmup', '1', '--peak_seconds', '0.01'])
+    log = capsys.readouterr().out
+    assert 'baseline, a plain GPT of the same size' in log and r['ratio'] > 0 and r['baseline_ms'] > 0
+    assert f"{r['ratio']:.2f}x its speed" in log
+    assert 'ratio' not in bench.main([*SMALL_PRIOR, '--mode=ar', '--iters', '1', '--warmup', '0', '--peak_seconds',
+                                      '0.01', '--no-baseline'])
+    for flags in (['--mode=mask'], ['--mode=ar', '--sample']):  # a baseline of the ar training step only
+        with pytest.raises(SystemExit):
+            bench.main([*SMALL_PRIOR, *flags, '--baseline'])
+    assert 'ar prior' in capsys.readouterr().err
+
+
+def test_the_baseline_computes_the_priors_loss():
+    from prior import Prior, PriorConfig
+    config = PriorConfig(vocab_size=64, text_vocab=50, text_len=5, grid=(2, 3, 3), n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    prior_model, base = Prior(config), bench.PlainGPT(config)
+    codes, text = torch.randint(64, (3, 2, 3, 3)), torch.randint(50, (3, 5))
+    (logits, loss), (prior_logits, prior_loss) = base(codes, text), prior_model(codes, text)
+    assert logits.shape == prior_logits.shape == (3, 18, 64)  # every video token predicted, as the prior does
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.flatten()))
+    assert abs(loss.item() - prior_loss.item()) < 0.05 and abs(loss.item() - math.log(64)) < 0.1  # both at chance
+    changed = codes.clone().view(3, -1)
+    changed[:, 7] = (changed[:, 7] + 1) % 64
+    logits2, _ = base(changed.view_as(codes), text)  # causal: token 7 is seen from prediction 8 on
+    assert torch.allclose(logits[:, :8], logits2[:, :8], atol=1e-5) and not torch.allclose(logits[:, 8:], logits2[:, 8:])
+    adamw, muon = base.configure_optimizers('cpu')  # the prior's rule: Muon for the blocks' matrices
+    assert {id(p) for p in muon.param_groups[0]['params']} == {
+        id(p) for n, p in base.named_parameters() if n.startswith('blocks.') and p.dim() == 2}
+    assert len(bench.PlainGPT(dataclasses.replace(config, optimizer='adamw')).configure_optimizers('cpu')) == 1
 
 
 def test_bench_flops_of_the_image_passes():
