@@ -11,8 +11,12 @@ The model is built from its config flags (named like train.py's, the same defaul
 model's recipe: --optimizer adamw to time AdamW alone) and fed random data of its own sizes. Prints ms/step,
 clips/s, tokens/s for a model of codes (each clip's text and video tokens), the model FLOPs counted by torch's
 FlopCounterMode, and the model-FLOPs utilisation (MFU) against this machine's measured peak in the same dtype
-(the best of a large matmul and a large 3D convolution). With --sample it times the model's sample() on the
-batch with sample.py's settings flags (guidance doubles the batch of each pass; --cfg 1 runs it alone).
+(the best of a large matmul and a large 3D convolution); ms/step is the median of --iters steps, then its
+phases' medians (forward, backward, each optimizer's step: where a step's time goes). An ar prior's
+step is timed in turn with a plain nanoGPT-style GPT of its size (PlainGPT, --no-baseline to skip it), and the
+ratio of their speeds is printed: the figure every speed claim about the prior rests on (RESULTS.md). With
+--sample it times the model's sample() on the batch with sample.py's settings flags (guidance doubles the
+batch of each pass; --cfg 1 runs it alone).
 """
 import argparse
 import dataclasses
@@ -172,15 +176,17 @@ def main(argv=None) -> dict:
         torch.manual_seed(0)
         runs['baseline'] = PlainGPT(config).to(args.device)
     times = time_steps(runs, x, ids, ctx, args)
-    dt, peak, B = times[args.model], measured_peak(args.dtype, args.device, args.peak_seconds), x.shape[0]
+    dt, peak, B = times[args.model]['step'], measured_peak(args.dtype, args.device, args.peak_seconds), x.shape[0]
     tokens = f', {B * (ids.shape[1] + x[0].numel()) / dt:.0f} tokens/s' if model.reads == 'codes' else ''
     print(f'{args.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, batch {B} x '
           f'{tuple(x.shape[1:])}, {args.dtype}, compile {args.compile}, optimizer {config.optimizer}, {threads}')
     print(f'{dt * 1000:.1f} ms/step (median of {args.iters}), {B / dt:.1f} clips/s{tokens}, {flops / dt / 1e9:.1f} '
           f'GFLOP/s model, measured peak {peak / 1e9:.0f} GFLOP/s, MFU {flops / dt / peak * 100:.1f}%')
-    result = dict(ms=dt * 1000, clips_per_s=B / dt, flops=flops, mfu=flops / dt / peak)
+    phases = {p: t * 1000 for p, t in times[args.model].items() if p != 'step'}
+    print('median ms of its phases: ' + ', '.join(f'{p} {t:.1f}' for p, t in phases.items()))
+    result = dict(ms=dt * 1000, clips_per_s=B / dt, flops=flops, mfu=flops / dt / peak, phases_ms=phases)
     if args.baseline:
-        base = times['baseline']
+        base = times['baseline']['step']
         print(f'baseline, a plain GPT of the same size: {base * 1000:.1f} ms/step, '
               f'{B * (ids.shape[1] + x[0].numel()) / base:.0f} tokens/s; the prior is {base / dt:.2f}x its speed')
         result.update(baseline_ms=base * 1000, ratio=base / dt)
@@ -197,29 +203,37 @@ def step_flops(model, x, ids, ctx) -> int:
 
 
 def time_steps(runs: dict, x, ids, ctx, args) -> dict:
-    """The median seconds of a training step (forward, backward, optimizer steps) of each model in runs,
-    their steps taken in turn, so that a machine that slows down or speeds up weighs on all of them alike."""
+    """{name: {phase: median seconds}} of a training step of each model in runs: 'step' the whole, and its
+    phases 'forward', 'backward' and each optimizer's step (by class name). The models' steps are taken in
+    turn, so that a machine that slows down or speeds up weighs on all of them alike."""
     steps, times = {}, {name: [] for name in runs}
     for name, m in runs.items():
         optimizers, compiled = m.configure_optimizers(args.device.split(':')[0]), torch.compile(m) if args.compile else m
 
         def step(compiled=compiled, optimizers=optimizers):
+            clock = [time.perf_counter()]
+            def lap():
+                synchronize(args.device)
+                clock.append(time.perf_counter())
             with ctx:
                 loss = compiled(x, ids)[1]
+            lap()
             loss.backward()
+            lap()
             for o in optimizers:
                 o.step()
                 o.zero_grad(set_to_none=True)
+                lap()
+            phases = ['forward', 'backward', *(type(o).__name__ for o in optimizers)]
+            return {'step': clock[-1] - clock[0], **{p: t1 - t0 for p, t0, t1 in zip(phases, clock, clock[1:])}}
         steps[name] = step
     for i in range(args.warmup + args.iters):
         for name, step in steps.items():
             synchronize(args.device)
-            t0 = time.perf_counter()
-            step()
-            synchronize(args.device)
+            t = step()
             if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+                times[name].append(t)
+    return {name: {p: statistics.median(t[p] for t in ts) for p in ts[0]} for name, ts in times.items()}
 
 
 def bench_sample(model, x, ids, ctx, args, threads: str) -> dict:

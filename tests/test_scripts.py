@@ -52,6 +52,9 @@ def test_bench_prior(mode, flags, capsys):
     log = capsys.readouterr().out
     assert '(2, 2, 2)' in log and 'tokens/s' in log and r['mfu'] > 0
     assert f"optimizer {'adamw' if flags[-1:] == ['adamw'] else 'muon'}" in log
+    phases = ['forward', 'backward', 'AdamW'] + ([] if flags[-1:] == ['adamw'] else ['Muon'])  # its optimizers
+    assert list(r['phases_ms']) == phases and all(t > 0 for t in r['phases_ms'].values())
+    assert "median ms of its phases: forward" in log
     r = bench.main([*SMALL_PRIOR, f'--mode={mode}', '--sample', '--cfg', '1'])
     log = capsys.readouterr().out
     assert 's per clip' in log and "'cfg': 1.0" in log and r['per_s'] > 0
