@@ -73,7 +73,7 @@ def rope_table(grid, text_len: int, head_size: int, base: float = 100.0):
 def rotate(x, rope):
     """Turn each channel pair (x0, x1) of x (..., S, hd) by the angle of its position, rope (S, hd // 2, 2)
     from rope_table: (x0 cos - x1 sin, x1 cos + x0 sin), in float32. Eager, one complex multiply: the whole
-    training step is 4-5 % faster than with real arithmetic on the halves. Compiled, the real arithmetic,
+    training step is 3-5 % faster than with real arithmetic on the halves. Compiled, the real arithmetic,
     which inductor fuses into one kernel (it has no code generation for complex numbers): RESULTS.md."""
     if torch.compiler.is_compiling():
         cos, sin = rope.unbind(-1)
