@@ -26,6 +26,7 @@ Every step's randomness is a function of (seed, rank, step), so --resume continu
 import argparse
 import copy
 import dataclasses
+import datetime
 import hashlib
 import inspect
 import json
@@ -429,13 +430,33 @@ def preview(model, tok, x, ids, path: str, fps: float) -> None:
 # -----------------------------------------------------------------------------
 # the run
 
+def wrap(model, ddp: bool, compile: bool, device_id):
+    """(the model that trains, its DDP module or None): DDP first, then compiled, so that the compiled graph
+    is split at DDP's gradient buckets and their all-reduce overlaps the backward (PyTorch's DDP + compile
+    notes); compiled first, the all-reduce would wait for the whole backward."""
+    ddp_model = DDP(model, device_ids=None if device_id is None else [device_id]) if ddp else None
+    model = model if ddp_model is None else ddp_model
+    return (torch.compile(model) if compile else model), ddp_model
+
+
+def missing_compiler(device: str) -> str | None:
+    """What torch.compile on this device needs and this machine lacks, or None: inductor writes C++ for the
+    CPU, and Triton builds its CUDA launchers with a C compiler."""
+    if device.startswith('cuda'):
+        return None if any(shutil.which(c) for c in ('gcc', 'cc', 'clang')) else 'a C compiler on CUDA (gcc or clang)'
+    if device == 'cpu':
+        return None if any(shutil.which(c) for c in ('g++', 'c++', 'clang++')) else 'a C++ compiler on CPU (g++ or clang++)'
+    return None
+
+
 def setup(args):
     """Processes, device and dtype: (ddp, rank, world, local rank, device). Fills in args' auto values."""
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, world, local_rank, device = 0, 1, 0, auto_device(args.device)
     if ddp:
         backend = 'nccl' if torch.cuda.is_available() and args.device in ('auto', 'cuda') else 'gloo'
-        dist.init_process_group(backend=backend)
+        # an hour, not NCCL's 10 minutes: the other ranks wait while rank 0 encodes a large dataset's codes
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=1))
         rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ['LOCAL_RANK'])
         device = f'cuda:{local_rank}' if backend == 'nccl' else 'cpu'
         if backend == 'nccl':
@@ -445,9 +466,9 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     args.compile = device.startswith('cuda') if args.compile is None else args.compile
-    if args.compile and device == 'cpu' and not any(shutil.which(c) for c in ('g++', 'c++', 'clang++')):
-        print('train.py: --compile needs a C++ compiler on CPU (g++ or clang++) and none is installed; '
-              'training without it', file=sys.stderr)
+    missing = args.compile and missing_compiler(device)
+    if missing:
+        print(f'train.py: --compile needs {missing} and none is installed; training without it', file=sys.stderr)
         args.compile = False
     args.out_dir = args.out_dir or os.path.join('out', args.model)
     return ddp, rank, world, local_rank, device
@@ -571,10 +592,7 @@ def train(args, overrides):
     it = ckpt['iter_num'] if ckpt is not None else 0
     best_val = ckpt['best_val_loss'] if ckpt is not None else float('inf')
     raw_model = model  # saved, evaluated and sampled: no _orig_mod. or module. prefixes
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    model, ddp_model = wrap(model, ddp, args.compile, local_rank if device_type == 'cuda' else None)
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
         print(f'{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, '
@@ -612,7 +630,7 @@ def train(args, overrides):
         torch.manual_seed(seed_of(args.seed, 'model', it, rank))  # dropout, masks, noise of this step
         for micro in range(args.grad_accum):
             if ddp:  # sync gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == args.grad_accum - 1
+                ddp_model.require_backward_grad_sync = micro == args.grad_accum - 1
             x, ids = get_batch(splits['train'], (args.seed, 'train', it, micro), config.batch_size, rank, world,
                                res, device)
             with ctx:
@@ -627,10 +645,9 @@ def train(args, overrides):
         scaler.update()
         for o in optimizers:
             o.zero_grad(set_to_none=True)
-        if ema is not None:
+        if ema is not None:  # one fused update of every tensor, not a kernel each
             with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), raw_model.parameters()):
-                    pe.lerp_(pm, 1 - config.ema)
+                torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - config.ema)
         it += 1
         if it % args.log_interval == 0 and master:
             lossf = loss.item() * args.grad_accum

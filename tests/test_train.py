@@ -130,6 +130,26 @@ def test_auto_dtype_on_gpus_without_native_bfloat16_is_float16(monkeypatch):
     assert train.auto_dtype('auto', 'cuda') == 'bfloat16'
 
 
+def test_compile_asks_for_the_compiler_its_device_needs(monkeypatch):
+    monkeypatch.setattr(train.shutil, 'which', lambda name: name == 'clang')  # a C compiler, no C++ one
+    assert train.missing_compiler('cuda:0') is None and 'C++ compiler on CPU' in train.missing_compiler('cpu')
+    monkeypatch.setattr(train.shutil, 'which', lambda name: name == 'g++')  # Triton's launchers need gcc or clang
+    assert train.missing_compiler('cpu') is None and 'C compiler on CUDA' in train.missing_compiler('cuda')
+
+
+def test_ddp_wraps_before_compile():
+    import torch.distributed as dist
+    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        m = torch.nn.Linear(2, 2)
+        model, ddp_model = train.wrap(m, ddp=True, compile=True, device_id=None)
+        # compiled around DDP: the graph breaks at DDP's buckets, so their all-reduce overlaps the backward
+        assert isinstance(ddp_model, train.DDP) and ddp_model.module is m and model._orig_mod is ddp_model
+    finally:
+        dist.destroy_process_group()
+    assert train.wrap(m, ddp=False, compile=False, device_id=None) == (m, None)
+
+
 def test_compile_without_a_cpp_compiler_trains_eagerly(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train.shutil, 'which', lambda name: None)  # torch.compile on CPU needs g++ or clang++
     assert train.main(['--model=tokenizer', '--data', data, '--out_dir', str(tmp_path), '--max_iters', '1',
