@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+ADAPTIVE_SCALE = 2.0 ** 10  # the GAN's adaptive weight takes gradients of the losses times this (float16)
+
 
 class RMSNorm(nn.Module):
     """RMS norm over channels at each position (attention's pre-norm)."""
@@ -431,9 +433,12 @@ class Tokenizer(nn.Module):
         if step >= c.gen_start:
             g_adv = F.softplus(-functional_call(self.disc, params, (fake,))).mean()  # non-saturating
             last = self.decoder.conv_out.conv.weight
-            g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
-            g_gan = torch.autograd.grad(g_adv, last, retain_graph=True)[0]
-            weight = (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()  # VQGAN's adaptive weight
+            # VQGAN's adaptive weight, a ratio of gradient norms. The losses are scaled up by a power of two
+            # (exact, the ratio unchanged) so that in float16 their gradients, means over a whole clip's
+            # pixels (about 1e-6 each), do not underflow as unscaled ones would (GradScaler scales only the loss)
+            g_rec = torch.autograd.grad(rec_loss * ADAPTIVE_SCALE, last, retain_graph=True)[0]
+            g_gan = torch.autograd.grad(g_adv * ADAPTIVE_SCALE, last, retain_graph=True)[0]
+            weight = (g_rec.norm() / (g_gan.norm() + 1e-4 * ADAPTIVE_SCALE)).clamp(0, 1e4).detach()
             loss = loss + c.gan_weight * weight * g_adv
             self.last_losses['g_adv'] = g_adv
         if step >= c.disc_start:

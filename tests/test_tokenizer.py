@@ -87,6 +87,21 @@ def test_overfit_one_batch():
     assert torch.equal(m.sample(None, x), m.decode(m.encode(x)))  # what the tokenizer keeps of a clip
 
 
+def test_adaptive_gan_weight_is_the_ratio_of_gradient_norms():
+    torch.manual_seed(0)
+    m = Tokenizer(TokenizerConfig(**TINY, gan_weight=0.1, disc_channels=8, disc_start=100, gen_start=0))
+    torch.nn.init.normal_(m.decoder.conv_out.conv.weight, std=0.02)  # it starts at zero: no gradient to weigh
+    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    _, _, (x, rec, rec_loss) = m.reconstruct(x)
+    gan = m.gan_losses(x, rec, rec_loss, step=0)  # the generator's term alone: gan_weight * weight * g_adv
+    weight = gan / (0.1 * m.last_losses['g_adv'])
+    last = m.decoder.conv_out.conv.weight
+    g_rec, = torch.autograd.grad(rec_loss, last, retain_graph=True)  # VQGAN's formula, unscaled
+    g_gan, = torch.autograd.grad(m.last_losses['g_adv'], last, retain_graph=True)
+    assert torch.allclose(weight, g_rec.norm() / (g_gan.norm() + 1e-4), rtol=1e-4)  # the scaling cancels
+    assert 0 < weight.item() < 1e4
+
+
 def test_gan_step_updates_both_networks():
     torch.manual_seed(0)
     m = Tokenizer(TokenizerConfig(**TINY, gan_weight=0.1, disc_channels=8, disc_start=0, gen_start=0, betas=(0.5, 0.9)))
