@@ -208,7 +208,8 @@ def time_steps(runs: dict, x, ids, ctx, args) -> dict:
     turn, so that a machine that slows down or speeds up weighs on all of them alike."""
     steps, times = {}, {name: [] for name in runs}
     for name, m in runs.items():
-        optimizers, compiled = m.configure_optimizers(args.device.split(':')[0]), torch.compile(m) if args.compile else m
+        optimizers = m.configure_optimizers(args.device.split(':')[0])
+        compiled = torch.compile(m) if args.compile else m
 
         def step(compiled=compiled, optimizers=optimizers):
             clock = [time.perf_counter()]

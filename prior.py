@@ -104,8 +104,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)
 
     def forward(self, x, causal: bool, rope, cache=None):
-        """rope: rope_table's rows of the positions of x, or None for no turn. cache: a dict {'size': sequence length} that this layer
-        fills with its keys and values (sampling); x then holds only the new tokens."""
+        """rope: rope_table's rows of the positions of x, or None for no turn. cache: a dict {'size': sequence
+        length} that this layer fills with its keys and values (sampling); x then holds only the new tokens."""
         B, S, C = x.shape
         qkv = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, nh, S, hd)

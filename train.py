@@ -442,11 +442,9 @@ def wrap(model, ddp: bool, compile: bool, device_id):
 def missing_compiler(device: str) -> str | None:
     """What torch.compile on this device needs and this machine lacks, or None: inductor writes C++ for the
     CPU, and Triton builds its CUDA launchers with a C compiler."""
-    if device.startswith('cuda'):
-        return None if any(shutil.which(c) for c in ('gcc', 'cc', 'clang')) else 'a C compiler on CUDA (gcc or clang)'
-    if device == 'cpu':
-        return None if any(shutil.which(c) for c in ('g++', 'c++', 'clang++')) else 'a C++ compiler on CPU (g++ or clang++)'
-    return None
+    needs = {'cuda': ('a C compiler on CUDA (gcc or clang)', ('gcc', 'cc', 'clang')),
+             'cpu': ('a C++ compiler on CPU (g++ or clang++)', ('g++', 'c++', 'clang++'))}.get(device.split(':')[0])
+    return None if needs is None or any(shutil.which(c) for c in needs[1]) else needs[0]
 
 
 def setup(args):
