@@ -114,7 +114,7 @@ def caption(attrs: dict, rng: np.random.Generator | None = None, made_up: float 
         return CANONICAL.format(**attrs)
     if rng.random() < held_out_share:
         return held_out_caption(attrs, rng)
-    words = {k: str(rng.choice(SYNONYMS.get(v, (v,)))) for k, v in attrs.items()}
+    words = synonyms(attrs, rng)
     noun = NOUNS[rng.integers(len(NOUNS))].format(**words)
     text = SENTENCES[rng.integers(len(SENTENCES))].format(
         det=DETERMINERS[rng.integers(len(DETERMINERS))], noun=noun, ing=PARTICIPLES[rng.integers(len(PARTICIPLES))],
@@ -137,8 +137,13 @@ def shapes_words(held_out: bool) -> set[str]:
 
 def held_out_caption(attrs: dict, rng: np.random.Generator) -> str:
     """A prompt in one of HELD_OUT_PHRASINGS, with random synonyms."""
-    words = {k: str(rng.choice(SYNONYMS.get(v, (v,)))) for k, v in attrs.items()}
+    words = synonyms(attrs, rng)
     return HELD_OUT_PHRASINGS[rng.integers(len(HELD_OUT_PHRASINGS))].format(**words)
+
+
+def synonyms(attrs: dict, rng: np.random.Generator) -> dict:
+    """Each attribute's value as one of its words (SYNONYMS), drawn at random."""
+    return {k: str(rng.choice(SYNONYMS.get(v, (v,)))) for k, v in attrs.items()}
 
 
 def normalize_text(text: str) -> str:

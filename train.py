@@ -584,6 +584,7 @@ def train(args, overrides):
         for o, s in zip(optimizers, states, strict=True):
             o.load_state_dict(s)
     ema = copy.deepcopy(model).requires_grad_(False) if config.ema > 0 else None
+    ema_params, model_params = (list(ema.parameters()), list(model.parameters())) if ema is not None else ([], [])
     if ema is not None and ckpt is not None and ckpt.get('ema') is not None:
         ema.load_state_dict(ckpt['ema'])
     scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == 'float16')
@@ -645,7 +646,7 @@ def train(args, overrides):
             o.zero_grad(set_to_none=True)
         if ema is not None:  # one fused update of every tensor, not a kernel each
             with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - config.ema)
+                torch._foreach_lerp_(ema_params, model_params, 1 - config.ema)
         it += 1
         if it % args.log_interval == 0 and master:
             lossf = loss.item() * args.grad_accum
