@@ -11,6 +11,9 @@ Two modes, one set of weights and code:
         it also trains on (each clip's first frame again, twice, as images); last, the first frame is
         redrawn once more with the whole clip in view.
 Both drop the text with a small probability in training, so sampling can use classifier-free guidance.
+The text first goes through its own bidirectional blocks (text_layers); the main blocks then attend to it
+in the same softmax as to the video, as keys and values only, and compute nothing for its rows (like a
+decoder's cross-attention, one softmax; without text layers the text rows go through the blocks too).
 Positions are learned and factorised over (time, height, width), plus rotary embeddings over the same
 three axes on queries and keys, so attention scores see offsets between tokens (on shapes the masked
 prior draws the right shape far more often with them). A model trained on t latent frames continues a
@@ -84,15 +87,21 @@ def rotate(x, rope):
 
 
 def attend(q, k, v, causal: bool, dropout: float = 0.0):
-    """Attention of q (B, nh, Sq, hd) over k, v (B, nh, Sk, hd), causal when Sq == Sk. SDPA (flash on GPU),
-    except in bfloat16 on CPU, where PyTorch's flash kernel is slow at these head sizes and a plain
-    matmul-softmax-matmul makes the whole training step 16-26 % faster (RESULTS.md)."""
+    """Attention of q (B, nh, Sq, hd) over k, v (B, nh, Sk, hd), Sk >= Sq. causal: the queries are the last
+    Sq of the Sk positions (context rows come first), and each sees the keys up to its own. SDPA (flash on
+    GPU when Sq == Sk), except in bfloat16 on CPU, where PyTorch's flash kernel is slow at these head sizes
+    and a plain matmul-softmax-matmul makes the whole training step 16-26 % faster (RESULTS.md)."""
+    Sq, Sk = q.shape[2], k.shape[2]
+    causal = causal and Sq > 1  # one query (the KV cache's new token) sees every key
+    sees = None  # a mask only where is_causal's alignment (query i sees keys <= i) is not the one wanted
+    if causal and (Sq != Sk or q.dtype == torch.bfloat16 and q.device.type == 'cpu'):
+        sees = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(Sk - Sq)
     if q.device.type != 'cpu' or q.dtype != torch.bfloat16:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=sees, is_causal=causal and sees is None,
+                                              dropout_p=dropout)
     att = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, nh, Sq, Sk)
-    if causal:
-        future = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
-        att = att.masked_fill(future, float('-inf'))
+    if sees is not None:
+        att = att.masked_fill(~sees, float('-inf'))
     return F.dropout(att.softmax(-1), dropout) @ v  # softmax sums in float32 inside
 
 
@@ -103,23 +112,27 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
 
-    def forward(self, x, causal: bool, rope, cache=None):
+    def forward(self, x, causal: bool, rope, cache=None, context=None):
         """rope: rope_table's rows of the positions of x, or None for no turn. cache: a dict {'size': sequence
-        length} that this layer fills with its keys and values (sampling); x then holds only the new tokens."""
+        length} that this layer fills with its keys and values (sampling); x then holds only the new tokens.
+        context (B, L, C): rows before x that x attends to, as keys and values only (the text)."""
         B, S, C = x.shape
         qkv = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, nh, S, hd)
         if rope is not None:
             q, k = rotate(q, rope), rotate(k, rope)
+        if context is not None:  # keys and values of the context rows (not turned, like text), no queries
+            kv = F.linear(context, self.qkv.weight[C:], self.qkv.bias[C:])
+            ck, cv = kv.view(B, context.shape[1], 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+            k, v = torch.cat([ck, k], 2), torch.cat([cv, v], 2)
         if cache is not None:  # keys and values go into buffers sized for the whole sequence: no copy a token
             if 'k' not in cache:
                 shape = (B, self.n_head, cache['size'], C // self.n_head)
                 cache.update(k=k.new_empty(shape), v=v.new_empty(shape), n=0)
-            n = cache['n'] + S
-            cache['k'][:, :, n - S:n], cache['v'][:, :, n - S:n] = k, v
+            n = cache['n'] + k.shape[2]
+            cache['k'][:, :, cache['n']:n], cache['v'][:, :, cache['n']:n] = k, v
             k, v, cache['n'] = cache['k'][:, :, :n], cache['v'][:, :, :n], n
-        # with a cache and one new token, the query may see every key: no mask needed
-        y = attend(q, k, v, causal and q.shape[2] == k.shape[2], self.dropout if self.training else 0.0)
+        y = attend(q, k, v, causal, self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, S, C))
 
 
@@ -132,8 +145,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, causal: bool, rope, cache=None):
-        x = x + self.drop(self.attn(self.ln1(x), causal, rope, cache))
+    def forward(self, x, causal: bool, rope, cache=None, context=None):
+        context = None if context is None else self.ln1(context)
+        x = x + self.drop(self.attn(self.ln1(x), causal, rope, cache, context))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -149,6 +163,9 @@ class PriorConfig:
     text_layers: int = -1  # bidirectional blocks over the text alone before it joins the video tokens; -1:
     #                        2 for ar (held-out phrasings 0.83 -> 0.90), 0 for mask (it lost the motion with 2):
     #                        RESULTS.md
+    text_context: bool = True  # with text layers: the blocks read their text as keys and values only and compute
+    #                        nothing for its rows (step 1.1x as fast, RESULTS.md); False, or no text layers: the
+    #                        text rows go through the blocks with the video
     n_head: int = 6  # attention heads (the head size n_embd / n_head must be even for the rotary positions)
     n_embd: int = 192  # width
     dropout: float = 0.0  # in the blocks' residual branches and attention
@@ -194,6 +211,7 @@ class Prior(nn.Module):
             c.text_layers = 2 if c.mode == 'ar' else 0
         if c.text_layers < 0:
             raise ValueError(f'text_layers {c.text_layers} is a number of blocks: 0 or more (-1: the mode\'s default)')
+        c.text_context = c.text_context and c.text_layers > 0  # as used, in the checkpoint
         self.config = c
         t, h, w = c.grid
         self.n_video = t * h * w
@@ -203,6 +221,8 @@ class Prior(nn.Module):
         self.pos_t, self.pos_h, self.pos_w = (nn.Parameter(torch.zeros(n, c.n_embd)) for n in (t, h, w))
         self.text_blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout) for _ in range(c.text_layers))
         self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout) for _ in range(c.n_layer))
+        if c.text_context and c.mode == 'ar':  # the row that predicts the first video token
+            self.start = nn.Parameter(torch.zeros(c.n_embd))
         self.ln_f = nn.LayerNorm(c.n_embd)
         self.head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         rope = rope_table(c.grid, c.text_len, c.n_embd // c.n_head) if c.rope else None
@@ -212,8 +232,9 @@ class Prior(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(('attn.proj.weight', 'mlp.2.weight')):  # GPT-2's scaled residual projections
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.n_layer))
-        for p in (self.text_pos, self.pos_t, self.pos_h, self.pos_w):
-            nn.init.normal_(p, std=0.02)
+        for name, p in self.named_parameters():
+            if name in ('text_pos', 'pos_t', 'pos_h', 'pos_w', 'start'):
+                nn.init.normal_(p, std=0.02)
 
     @staticmethod
     def _init_weights(m):
@@ -227,7 +248,8 @@ class Prior(nn.Module):
         """The prior a train.py checkpoint holds, with its EMA weights where the run kept them. Priors saved
         before rotary positions, prefix or image training or text layers had no such fields: they sample as
         they trained."""
-        config = {'rope': False, 'prefix_prob': 0.0, 'image_share': 0.0, 'text_layers': 0, **ckpt['config']}
+        config = {'rope': False, 'prefix_prob': 0.0, 'image_share': 0.0, 'text_layers': 0, 'text_context': False,
+                  **ckpt['config']}
         config.pop('first_prob', None)  # an older way to train the first frame (image_share replaced it)
         model = cls(PriorConfig(**config))
         model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model'])
@@ -243,19 +265,30 @@ class Prior(nn.Module):
         return pos.view(t * h * w, -1)
 
     def embed(self, text, video):
-        """text (B, L) ids, video (B, n) codes (n <= N, the clip's first tokens) -> (B, L + n, C)."""
-        x_text = self.text_emb(text) + self.text_pos[:text.shape[1]]
+        """text (B, L) ids, video (B, n) codes (n <= N, the clip's first tokens) -> (x, context, start): the
+        rows the blocks run on, the text rows they only read (or None) and x's first position in the sequence
+        [text ; video] (rope_table's rows). Without text_context, x is [text ; video] (B, L + n, C) and starts
+        at 0; with it, x is video (B, n, C) from L, and for ar a start row in front of it (position L - 1,
+        like the last text row it stands in for), so in either layout x's rows from position L - 1 on predict
+        the video tokens."""
+        L = text.shape[1]
+        x_text = self.text_emb(text) + self.text_pos[:L]
         for block in self.text_blocks:  # text positions take no rotary turn
             x_text = block(x_text, False, None)
         x_video = self.tok_emb(video) + self.video_pos()[:video.shape[1]]
-        return torch.cat([x_text, x_video], 1)
+        if not self.config.text_context:
+            return torch.cat([x_text, x_video], 1), None, 0
+        if self.config.mode == 'mask':
+            return x_video, x_text, L
+        return torch.cat([self.start.expand(len(text), 1, -1), x_video], 1), x_text, L - 1
 
-    def transformer(self, x, causal: bool, start: int = 0, caches=None):
-        """The blocks on x (B, S, C), the embeddings of sequence positions start .. start + S; caches: one
-        dict per block for sampling with a KV cache (see Attention)."""
+    def transformer(self, x, causal: bool, start: int = 0, caches=None, context=None):
+        """The blocks on x (B, S, C), the embeddings of sequence positions start .. start + S, after the
+        context rows (B, L, C) if given; caches: one dict per block for sampling with a KV cache (see
+        Attention)."""
         rope = None if self.rope is None else self.rope[start:start + x.shape[1]]
         for i, block in enumerate(self.blocks):
-            x = block(x, causal, rope, None if caches is None else caches[i])
+            x = block(x, causal, rope, None if caches is None else caches[i], context)
         return x
 
     def logits(self, x):  # (B, S, C) -> (B, S, V)
@@ -286,12 +319,13 @@ class Prior(nn.Module):
             drop = torch.rand(B, 1, device=text.device) < self.config.cfg_drop
             text = torch.where(drop, torch.full_like(text, self.config.pad_id), text)
         if self.config.mode == 'ar':
-            x = self.transformer(self.embed(text, video[:, :-1]), causal=True)  # the last token is no input
-            logits = self.logits(x[:, L - 1:])  # (B, N, V): from the last text token on
+            x, context, start = self.embed(text, video[:, :-1])  # the last token is no input
+            x = self.transformer(x, True, start, context=context)
+            logits = self.logits(x[:, L - 1 - start:])  # (B, N, V): from the last text position on
             return logits, F.cross_entropy(logits.float().view(-1, logits.shape[-1]), video.reshape(-1))
         masked = self.mask_pattern(B, video.device)  # (B, N)
-        x = self.transformer(self.embed(text, torch.where(masked, self.mask_id, video)), causal=False)
-        logits = self.logits(x[:, L:])
+        x, context, start = self.embed(text, torch.where(masked, self.mask_id, video))
+        logits = self.logits(self.transformer(x, False, start, context=context)[:, L - start:])
         # the mean over the masked tokens, as a weighted mean over all: no data-dependent shapes (compile)
         ce = F.cross_entropy(logits.float().flatten(0, 1), video.flatten(), reduction='none').view(B, -1)
         total, count = (ce * masked).sum(), masked.sum()
@@ -301,8 +335,9 @@ class Prior(nn.Module):
             rows = torch.arange(n_image, device=video.device) % B  # above 1, each clip's again, other masks
             image = video[rows, :h * w]
             masked = self.mask_pattern(n_image, video.device, frames=1)
-            x = self.transformer(self.embed(text[rows], torch.where(masked, self.mask_id, image)), False)
-            logits_image = self.logits(x[:, L:]).float().flatten(0, 1)
+            x, context, start = self.embed(text[rows], torch.where(masked, self.mask_id, image))
+            x = self.transformer(x, False, start, context=context)
+            logits_image = self.logits(x[:, L - start:]).float().flatten(0, 1)
             ce = F.cross_entropy(logits_image, image.flatten(), reduction='none')
             total, count = total + (ce.view(n_image, -1) * masked).sum(), count + masked.sum()
         return logits, total / count
@@ -438,18 +473,22 @@ class Prior(nn.Module):
         B, (_, h, w) = video.shape[0], self.config.grid
         text2 = self.paired(text, cfg)
         copies = text2.shape[0] // B
-        caches = [dict(size=text2.shape[1] + self.n_video - 1) for _ in self.blocks] if kv_cache else None
-        x = self.embed(text2, video[:, :given].repeat(copies, 1))  # the prompt: text and given tokens at once
+        L = text2.shape[1]
+        caches = [dict(size=L + self.n_video) for _ in self.blocks] if kv_cache else None
+        x, context, start = self.embed(text2, video[:, :given].repeat(copies, 1))  # the prompt at once
         pos = self.video_pos()
         for i in range(given, self.n_video):
             if i == given + guide_frames * h * w and copies == 2:  # guidance ends: so does the second half
                 copies, cfg, text2, x = 1, 1.0, text2[:B], x[:B]
+                context = None if context is None else context[:B]
                 for cache in caches or []:
                     cache['k'], cache['v'] = cache['k'][:B], cache['v'][:B]
-            if kv_cache:
-                x = self.transformer(x, causal=True, start=caches[0].get('n', 0), caches=caches)
+            if kv_cache:  # the first pass reads the context (the text) into the caches, the later ones not
+                x = self.transformer(x, True, start, caches, context if i == given else None)
+                start = L + i  # the next pass: token i, at its sequence position
             else:
-                x = self.transformer(self.embed(text2, video[:, :i].repeat(copies, 1)), causal=True)
+                x, context, start = self.embed(text2, video[:, :i].repeat(copies, 1))
+                x = self.transformer(x, True, start, context=context)
             logits = self.guided(self.logits(x[:, -1]).float(), cfg)  # (B, V)
             video[:, i] = self.sample_logits(logits, temperature, top_k, top_p, generator)
             if kv_cache:  # the next pass sees the new token alone
@@ -485,8 +524,9 @@ class Prior(nn.Module):
             u = torch.rand(shape, generator=generator, device=video.device)
             return -torch.log(-torch.log(u.clamp(1e-20, 1)))
         for s in range(steps):
-            x = self.embed(text2, torch.where(known, video, self.mask_id).repeat(copies, 1))
-            logits = self.guided(self.logits(self.transformer(x, False)[:, -N:]).float(), cfg)  # (B, N, V)
+            x, context, start = self.embed(text2, torch.where(known, video, self.mask_id).repeat(copies, 1))
+            x = self.transformer(x, False, start, context=context)
+            logits = self.guided(self.logits(x[:, -N:]).float(), cfg)  # (B, N, V)
             if temperature > 0:
                 sample = (logits / temperature + gumbel(logits.shape)).argmax(-1)
             else:

@@ -50,28 +50,32 @@ def test_rope_depends_on_the_offset_only():
     assert torch.equal(rotate(q16, rope[L + 7]), rotate(q16.float(), rope[L + 7]).bfloat16())
 
 
-@pytest.mark.parametrize('causal, n_query', [(False, 9), (True, 9), (False, 1)])
+@pytest.mark.parametrize('causal, n_query', [(False, 9), (True, 9), (False, 1), (True, 1), (True, 5)])
 def test_bfloat16_attention_on_cpu_matches_sdpa(causal, n_query):
-    # in bfloat16 on CPU attend() is a plain matmul-softmax-matmul, not SDPA: the same values and gradients
+    # in bfloat16 on CPU attend() is a plain matmul-softmax-matmul, not SDPA: the same values and gradients.
+    # causal with fewer queries than keys: the queries are the last positions (context rows come first)
     g = seeded()
     q = torch.randn(2, 3, n_query, 16, generator=g, requires_grad=True)
     k, v = (torch.randn(2, 3, 9, 16, generator=g, requires_grad=True) for _ in range(2))
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    sees = torch.ones(n_query, 9, dtype=torch.bool).tril(9 - n_query) if causal else None
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sees)
+    assert torch.allclose(attend(q, k, v, causal), ref, atol=1e-5)  # float32: SDPA, the same alignment
     out = attend(*(t.bfloat16() for t in (q, k, v)), causal)
     assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=0.03)
     for a, b in zip(torch.autograd.grad(ref.sum(), (q, k, v)), torch.autograd.grad(out.float().sum(), (q, k, v))):
         assert torch.allclose(a, b, atol=0.05)
-    if causal:  # the last query's value changes with the last key; the first query's does not
+    if causal and n_query > 1:  # the last query's value changes with the last key; the first query's does not
         v2 = v.detach().clone()
         v2[:, :, -1] += 1
         out2 = attend(q.bfloat16(), k.bfloat16(), v2.bfloat16(), causal)
         assert torch.equal(out2[:, :, 0], out[:, :, 0]) and not torch.equal(out2[:, :, -1], out[:, :, -1])
 
 
-@pytest.mark.parametrize('cfg, given, guide_frames', [(1.0, 0, 1), (2.5, 0, 3), (2.5, 0, 1), (2.5, 1, 1)])
-def test_kv_cache_equals_full_recompute(cfg, given, guide_frames):
+@pytest.mark.parametrize('cfg, given, guide_frames, text_context', [
+    (1.0, 0, 1, True), (2.5, 0, 3, True), (2.5, 0, 1, True), (2.5, 1, 1, True), (2.5, 0, 1, False), (2.5, 1, 1, False)])
+def test_kv_cache_equals_full_recompute(cfg, given, guide_frames, text_context):
     torch.manual_seed(0)
-    m = Prior(PriorConfig(**TINY)).eval()
+    m = Prior(PriorConfig(**TINY, text_context=text_context)).eval()
     text, prefix = batch()
     x = prefix[:, :given] if given else None
     codes = m.sample(text, x, cfg=cfg, temperature=0, guide_frames=guide_frames)  # greedy, cached
@@ -92,14 +96,40 @@ def test_text_layers_read_the_whole_prompt_and_keep_the_cache_exact():
     logits, _ = m(codes, text)
     later = text.clone()
     later[:, -1] = (later[:, -1] + 1) % 20  # the last word changes what the first text position carries
-    assert not torch.allclose(m.embed(text, codes.view(2, -1))[:, 0], m.embed(later, codes.view(2, -1))[:, 0])
+    first = [m.embed(t, codes.view(2, -1))[1][:, 0] for t in (text, later)]  # the context's first row
+    assert not torch.allclose(*first)
     sample = m.sample(text, cfg=2.0, temperature=0, guide_frames=1)
     assert torch.equal(m.sample(text, cfg=2.0, temperature=0, guide_frames=1, kv_cache=False), sample)
     muon = m.configure_optimizers('cpu')[1].param_groups[0]['params']
     assert any(p is m.text_blocks[0].attn.qkv.weight for p in muon)  # their matrices take Muon's steps
-    old = {'config': {k: v for k, v in m.config.__dict__.items() if k != 'text_layers'},
+    old = {'config': {k: v for k, v in m.config.__dict__.items() if k not in ('text_layers', 'text_context')},
            'model': Prior(PriorConfig(**TINY, text_layers=0)).state_dict()}
     assert Prior.from_checkpoint(old).config.text_layers == 0  # a checkpoint from before them loads without
+    joint = Prior(PriorConfig(**TINY, text_layers=1, text_context=False))  # text rows through the blocks
+    old = {'config': {k: v for k, v in joint.config.__dict__.items() if k != 'text_context'},
+           'model': joint.state_dict()}
+    assert not Prior.from_checkpoint(old).config.text_context  # ... and so does one from before the context
+
+
+@pytest.mark.parametrize('mode', ['ar', 'mask'])
+def test_text_context_is_read_not_updated(mode):
+    # with text_context the blocks run on the video rows only: the loss is the joint layout's with the text
+    # rows' queries, MLPs and predictions cut out; a block's output for the text is never computed
+    torch.manual_seed(0)
+    m = Prior(PriorConfig(**TINY, mode=mode, text_layers=1, cfg_drop=0.0)).eval()
+    assert m.config.text_context  # the default with text layers
+    text, codes = batch()
+    x, context, start = m.embed(text, codes.view(2, -1)[:, :-1] if mode == 'ar' else codes.view(2, -1))
+    assert context.shape == (2, 4, 32) and start == (3 if mode == 'ar' else 4) and x.shape[1] == 12
+    seen = []
+    hook = m.blocks[0].mlp.register_forward_hook(lambda mod, i, o: seen.append(o.shape[1]))
+    logits, loss = m(codes, text)
+    hook.remove()
+    assert seen[0] == 12  # the clip's video rows (with the text: 16); mask's images come after
+    assert logits.shape == (2, 12, 30) and torch.isfinite(loss)
+    later = text.clone()
+    later[:, -1] = (later[:, -1] + 1) % 20
+    assert not torch.allclose(m(codes, later)[0], logits)  # the video rows read the text
 
 
 @pytest.mark.parametrize('mode', ['ar', 'mask'])
