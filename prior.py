@@ -160,12 +160,12 @@ class PriorConfig:
     pad_id: int = 0  # the text pad id; a caption of pads only is the unconditional prompt
     grid: tuple = (5, 8, 8)  # latent (frames, height, width) of one training clip
     n_layer: int = 4  # transformer blocks
-    text_layers: int = -1  # bidirectional blocks over the text alone before it joins the video tokens; -1:
-    #                        2 for ar (held-out phrasings 0.83 -> 0.90), 0 for mask (it lost the motion with 2):
+    text_layers: int = -1  # bidirectional blocks over the text alone before the blocks read it; -1: 2 for ar
+    #                        (held-out phrasings 0.83 -> 0.90), 0 for mask (it lost the motion with 2, twice):
     #                        RESULTS.md
     text_context: bool = True  # with text layers: the blocks read their text as keys and values only and compute
-    #                        nothing for its rows (step 1.1x as fast, RESULTS.md); False, or no text layers: the
-    #                        text rows go through the blocks with the video
+    #                        nothing for its rows (a step 1.06-1.17x as fast, as accurate: RESULTS.md); False, or
+    #                        no text layers: the text rows go through the blocks with the video
     n_head: int = 6  # attention heads (the head size n_embd / n_head must be even for the rotary positions)
     n_embd: int = 192  # width
     dropout: float = 0.0  # in the blocks' residual branches and attention
