@@ -161,8 +161,8 @@ class PriorConfig:
     grid: tuple = (5, 8, 8)  # latent (frames, height, width) of one training clip
     n_layer: int = 4  # transformer blocks
     text_layers: int = -1  # bidirectional blocks over the text alone before the blocks read it; -1: 2 for ar
-    #                        (held-out phrasings 0.83 -> 0.90), 0 for mask (it lost the motion with 2, twice):
-    #                        RESULTS.md
+    #                        (held-out phrasings 0.83 -> 0.90), 0 for mask (with 2 it lost the motion twice at lr
+    #                        6e-3 and kept it at 3e-3, one run: RESULTS.md)
     text_context: bool = True  # with text layers: the blocks read their text as keys and values only and compute
     #                        nothing for its rows (a step 1.06-1.17x as fast, as accurate: RESULTS.md); False, or
     #                        no text layers: the text rows go through the blocks with the video
@@ -480,7 +480,6 @@ class Prior(nn.Module):
         for i in range(given, self.n_video):
             if i == given + guide_frames * h * w and copies == 2:  # guidance ends: so does the second half
                 copies, cfg, text2, x = 1, 1.0, text2[:B], x[:B]
-                context = None if context is None else context[:B]
                 for cache in caches or []:
                     cache['k'], cache['v'] = cache['k'][:B], cache['v'][:B]
             if kv_cache:  # the first pass reads the context (the text) into the caches, the later ones not
