@@ -162,7 +162,7 @@ class PriorConfig:
     n_layer: int = 4  # transformer blocks
     text_layers: int = -1  # bidirectional blocks over the text alone before the blocks read it; -1: 2 for ar
     #                        (held-out phrasings 0.83 -> 0.90), 0 for mask (with 2 it lost the motion twice at lr
-    #                        6e-3 and kept it at 3e-3, one run: RESULTS.md)
+    #                        6e-3 and kept it at 3e-3, two runs: RESULTS.md)
     text_context: bool = True  # with text layers: the blocks read their text as keys and values only and compute
     #                        nothing for its rows (a step 1.06-1.17x as fast, as accurate: RESULTS.md); False, or
     #                        no text layers: the text rows go through the blocks with the video
