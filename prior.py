@@ -160,9 +160,8 @@ class PriorConfig:
     pad_id: int = 0  # the text pad id; a caption of pads only is the unconditional prompt
     grid: tuple = (5, 8, 8)  # latent (frames, height, width) of one training clip
     n_layer: int = 4  # transformer blocks
-    text_layers: int = -1  # bidirectional blocks over the text alone before the blocks read it; -1: 2 for ar
-    #                        (held-out phrasings 0.83 -> 0.90), 0 for mask (with 2 it lost the motion twice at lr
-    #                        6e-3 and kept it at 3e-3, two runs: RESULTS.md)
+    text_layers: int = 2  # bidirectional blocks over the text alone before the blocks read it (held-out
+    #                       phrasings 0.83 -> 0.90 for ar, 0.81 -> 0.92 for mask at its lower lr: RESULTS.md)
     text_context: bool = True  # with text layers: the blocks read their text as keys and values only and compute
     #                        nothing for its rows (a step 1.06-1.17x as fast, as accurate: RESULTS.md); False, or
     #                        no text layers: the text rows go through the blocks with the video
@@ -177,12 +176,16 @@ class PriorConfig:
     # the training recipe (train.py's defaults for a prior; a resumed run may change lr, batch_size, max_iters, ema)
     resolution: int = 32  # the clips' square size, which must be the tokenizer's (0 = the data's)
     optimizer: str = 'muon'  # muon: Muon for the blocks' matrices, AdamW for the rest; or adamw for all
-    lr: float = 6e-3  # peak learning rate (Muon's steps are scaled to AdamW's size, so one lr fits both)
+    lr: float = 0.0  # peak learning rate; 0: the mode's, 6e-3 for ar and 3e-3 for mask (with text layers mask lost
+    #                  the motion at 6e-3: RESULTS.md). Muon's steps are scaled to AdamW's size, so one lr fits both
     weight_decay: float = 0.1  # on matrices and embeddings, not on biases, norms or positions
     betas: tuple = (0.9, 0.99)  # AdamW's betas
     batch_size: int = 8  # clips per micro-step per process
     max_iters: int = 2500  # optimizer steps in total
     ema: float = 0.99  # decay of the weight copy that evaluation and sampling use (0 = none)
+
+    def __post_init__(self):  # the mode's defaults, resolved here so that train.py and checkpoints see them
+        self.lr = self.lr or (3e-3 if self.mode == 'mask' else 6e-3)
 
 
 class Prior(nn.Module):
@@ -207,10 +210,8 @@ class Prior(nn.Module):
             raise ValueError(f'prefix_prob {c.prefix_prob} is a share of the training clips: between 0 and 1')
         if c.optimizer not in ('adamw', 'muon'):
             raise ValueError(f"optimizer must be 'adamw' or 'muon', got {c.optimizer!r}")
-        if c.text_layers == -1:  # the mode's default, kept in the config (and so in the checkpoint)
-            c.text_layers = 2 if c.mode == 'ar' else 0
         if c.text_layers < 0:
-            raise ValueError(f'text_layers {c.text_layers} is a number of blocks: 0 or more (-1: the mode\'s default)')
+            raise ValueError(f'text_layers {c.text_layers} is a number of blocks: 0 or more')
         c.text_context = c.text_context and c.text_layers > 0  # as used, in the checkpoint
         self.config = c
         t, h, w = c.grid

@@ -37,7 +37,8 @@ def test_prior_checkpoint_carries_tokenizer_and_codes_are_cached(run_dir):
     ckpt = torch.load(run_dir / 'ar' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_type'] == 'prior' and ckpt['config']['grid'] == (5, 8, 8)
     assert ckpt['config']['optimizer'] == 'muon' and len(ckpt['optimizer']) == 2  # the prior's recipe: Muon + AdamW
-    assert ckpt['config']['text_layers'] == 2  # ar's default, resolved in the checkpoint
+    assert ckpt['config']['text_layers'] == 2 and ckpt['config']['lr'] == 6e-3  # the default and the mode's lr
+    assert torch.load(run_dir / 'mask' / 'ckpt.pt', weights_only=True)['config']['lr'] == 3e-3  # the mode's lr
     assert ckpt['tokenizer']['config']['channels'] == 8 and 'vocab_size' in ckpt['data_meta']['text']
     caches = [f for f in os.listdir(run_dir / 'shapes') if '_codes_' in f]
     assert len(caches) == 2  # train and val, encoded once for both modes

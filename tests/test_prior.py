@@ -182,7 +182,8 @@ def test_mask_draws_the_first_latent_frame_as_an_image():
 
     def first_frames(image_share, first_steps, shift):
         torch.manual_seed(0)
-        m = Prior(PriorConfig(**TINY, mode='mask', image_share=image_share)).eval()
+        # no text layers: at this size their text keys leave the later positions too small a pull to flip a token
+        m = Prior(PriorConfig(**TINY, mode='mask', image_share=image_share, text_layers=0)).eval()
         with torch.no_grad():  # (a constant shift would vanish in the LayerNorm)
             m.pos_t[1:] += shift * torch.randn(m.pos_t[1:].shape, generator=seeded(1))
         out = m.sample(text, steps=6, first_steps=first_steps, refine_steps=0, generator=seeded())
@@ -253,9 +254,10 @@ def test_overfit_one_batch_and_sample_it_back(mode, optimizer):
     m = Prior(PriorConfig(**TINY, mode=mode, cfg_drop=0.0, optimizer=optimizer, lr=3e-3, weight_decay=0.0))
     text, codes = batch()
     opts = m.configure_optimizers('cpu')
-    if optimizer == 'muon':  # Muon takes the blocks' matrices, AdamW everything else, each parameter once
+    if optimizer == 'muon':  # Muon takes the blocks' matrices (text blocks too), AdamW everything else, each once
         adamw, muon = ({id(p) for g in o.param_groups for p in g['params']} for o in opts)
-        assert muon == {id(p) for n, p in m.named_parameters() if n.startswith('blocks.') and p.dim() == 2}
+        blocks = ('blocks.', 'text_blocks.')
+        assert muon == {id(p) for n, p in m.named_parameters() if n.startswith(blocks) and p.dim() == 2}
         assert not adamw & muon and len(adamw | muon) == len(list(m.parameters()))
     first = m(codes, text)[1].item()
     for _ in range(200):
@@ -284,7 +286,7 @@ def test_bad_config():
         Prior(PriorConfig(**TINY, optimizer='sgd'))
     with pytest.raises(ValueError, match='text_layers -2 is a number of blocks'):
         Prior(PriorConfig(**TINY, text_layers=-2))
-    assert [Prior(PriorConfig(**TINY, mode=m)).config.text_layers for m in ('ar', 'mask')] == [2, 0]  # -1: by mode
+    assert [PriorConfig(mode=m).lr for m in ('ar', 'mask')] == [6e-3, 3e-3]  # lr 0: the mode's
     m = Prior(PriorConfig(**TINY))
     text, codes = batch()
     with pytest.raises(ValueError, match='text must be'):
