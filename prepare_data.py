@@ -193,10 +193,12 @@ def shape_coverage(shape: str, dx: torch.Tensor, dy: torch.Tensor, w) -> torch.T
 
 
 def sample_shapes(n: int, size: int, frames: int, rng: np.random.Generator, holdout=(),
-                  edges: float = 0.0) -> list[dict]:
+                  edges: float = 0.0, wrap: float = 0.0) -> list[dict]:
     """Draw n clips' attributes and trajectories (centres in pixels, per frame) under the rules of SHAPES.md.
     A share `edges` of them starts closer to the edge it moves to (0.2 of the canvas up to its travel), reaches
-    it during the clip and stays there: what a story's later prompt meets where the object already travelled."""
+    it during the clip and stays there: what a story's later prompt meets where the object already travelled.
+    A share `wrap` starts anywhere and wraps round the canvas (leaving one edge, it comes back in at the
+    opposite one), so that a motion can go on from any place, as a story's later prompt or a long video asks."""
     combos = [c for c in COMBOS if not is_held_out(dict(zip(ATTRIBUTES, c)), holdout)]
     if not combos:
         raise DataError('--holdout removes every combination; nothing is left to train on')
@@ -209,14 +211,16 @@ def sample_shapes(n: int, size: int, frames: int, rng: np.random.Generator, hold
         lo, hi = w / 2, size - w / 2  # the centre's range that keeps the whole shape inside the canvas
         along = rng.uniform(lo + dist, hi) if mx + my < 0 else rng.uniform(lo, hi - dist)
         across = rng.uniform(lo, hi)
-        room = dist
+        room, wraps = dist, False
         if edges and rng.random() < edges:  # the edge is `room` away, less than the travel: it stops there
             room = rng.uniform(0.2 * size, dist)
             along = lo + room if mx + my < 0 else hi - room
+        elif wrap and rng.random() < wrap:  # anywhere on the torus; render_shapes draws it modulo the canvas
+            along, across, wraps = *rng.uniform(0, size, 2), True
         t = np.linspace(0, 1, frames)
         moving = along + (mx + my) * np.minimum(dist * t, room)
         cx, cy = (moving, np.full(frames, across)) if mx else (np.full(frames, across), moving)
-        out.append(dict(attrs=attrs, width=w, cx=cx, cy=cy))
+        out.append(dict(attrs=attrs, width=w, cx=cx, cy=cy, wrap=wraps))
     return out
 
 
@@ -228,11 +232,13 @@ def render_shapes(clips: list[dict], size: int) -> np.ndarray:
     w = torch.tensor([c['width'] for c in clips], dtype=torch.float32)[:, None, None, None]
     grid = torch.arange(size, dtype=torch.float32) + 0.5  # pixel centres
     cover = torch.empty(n, frames, size, size)
+    wraps = torch.tensor([c.get('wrap', False) for c in clips])[:, None, None, None]
+    torus = lambda d, i: torch.where(wraps[i], (d + size / 2) % size - size / 2, d)  # offsets on the wrapped canvas
     for shape in SHAPES:
         idx = torch.tensor([i for i, c in enumerate(clips) if c['attrs']['shape'] == shape], dtype=torch.long)
         if len(idx):
-            dx = grid[None, None, None, :] - cx[idx]  # (n, T, 1, W)
-            dy = grid[None, None, :, None] - cy[idx]  # (n, T, H, 1)
+            dx = torus(grid[None, None, None, :] - cx[idx], idx)  # (n, T, 1, W)
+            dy = torus(grid[None, None, :, None] - cy[idx], idx)  # (n, T, H, 1)
             cover[idx] = shape_coverage(shape, dx, dy, w[idx])
     rgb = torch.tensor([COLORS[c['attrs']['color']] for c in clips], dtype=torch.float32)  # (N, 3)
     video = cover[..., None] * rgb[:, None, None, None, :] + 0.5  # (N, T, H, W, 3)
@@ -258,6 +264,25 @@ def _components(fg: np.ndarray) -> np.ndarray:
         lab = m
 
 
+def _unsplit(video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Roll each frame where the object touches two opposite edges (it wraps round the canvas, --wrap) so that
+    it is whole: the widest empty band of rows or columns moves to the border. Returns the frames and the
+    (rows, columns) each was rolled by, (T, 2); other frames stay as they are."""
+    fg = video.max(-1) > 0.35 * 255  # (T, H, W)
+    shifts = np.zeros((len(video), 2), dtype=int)
+    for t in range(len(video)):
+        for axis in (0, 1):
+            occupied = fg[t].any(1 - axis)  # rows (axis 0) or columns (axis 1) the object covers
+            if occupied[0] and occupied[-1] and not occupied.all():
+                free = np.flatnonzero(~occupied)
+                runs = np.split(free, np.flatnonzero(np.diff(free) > 1) + 1)  # empty bands, none crossing the border
+                band = max(runs, key=len)
+                shifts[t, axis] = -band[len(band) // 2]  # the band's middle to index 0
+    if shifts.any():
+        video = np.stack([np.roll(f, s, (0, 1)) for f, s in zip(video, shifts)])
+    return video, shifts
+
+
 def read_clip(video: np.ndarray) -> dict:
     """Read colour, shape, size and motion back from a shapes video, uint8 (T, H, W, 3) with H = W >= 16.
 
@@ -271,6 +296,7 @@ def read_clip(video: np.ndarray) -> dict:
     if video.shape[0] < 2:
         raise ValueError(f'read_clip needs at least 2 frames to see motion, got {video.shape[0]}')
     T, S = video.shape[0], video.shape[1]
+    video, shifts = _unsplit(video)
     v = video.astype(np.float32) / 255
     bright = v.max(-1)  # (T, H, W)
     lab = _components(bright > 0.35)
@@ -325,8 +351,9 @@ def read_clip(video: np.ndarray) -> dict:
     if iou[shape] < 0.5:
         return dict(valid=False, reason=f'unrecognisable shape (best match {shape}, IoU {iou[shape]:.2f})')
 
-    # motion: the centre's travel from the first to the last frame
-    mx, my = cx[-1] - cx[0], cy[-1] - cy[0]
+    # motion: the centre's travel from the first to the last frame, frame by frame on the wrapped canvas
+    step = lambda c: (np.diff(c) + S / 2) % S - S / 2  # the shortest way round: a step is less than half the canvas
+    mx, my = step(cx - shifts[:, 1]).sum(), step(cy - shifts[:, 0]).sum()
     along, across = (mx, my) if abs(mx) >= abs(my) else (my, mx)
     if abs(along) < 0.15 * S or abs(across) > 0.5 * abs(along):
         return dict(valid=False, reason=f'no clear motion (moved {mx:+.1f}, {my:+.1f} px)')
@@ -471,7 +498,8 @@ def make_shapes(args, tmp: str) -> dict:
     out = {}
     for split, n, seed in (('train', args.n_train, args.seed), ('val', args.n_val, args.seed + 1)):
         rng = np.random.default_rng(seed)  # independent draws per split
-        clips = sample_shapes(n, args.size, args.frames, rng, holdout if split == 'train' else (), args.edges)
+        clips = sample_shapes(n, args.size, args.frames, rng, holdout if split == 'train' else (), args.edges,
+                              args.wrap)
         mm = np.memmap(os.path.join(tmp, f'{split}_clips.u8'), dtype=np.uint8, mode='w+',
                        shape=(n, args.frames, args.size, args.size, 3))
         chunk = max(1, 2 ** 22 // (args.frames * args.size * args.size))
@@ -824,6 +852,9 @@ def get_args(argv=None):
     p.add_argument('--edges', type=float, default=0.0, help='shapes: share of clips whose object reaches the edge '
                    'it moves to and stops there (0.25 helped right-angle stories and cost caption accuracy: '
                    'RESULTS.md)')
+    p.add_argument('--wrap', type=float, default=0.0, help='shapes: share of clips whose object starts anywhere and '
+                   'wraps round the canvas, leaving one edge and coming back at the opposite one (so that a story\'s '
+                   'later prompt can move it from anywhere; pipeline.sh: 0.25)')
     p.add_argument('--holdout_phrasings', action=argparse.BooleanOptionalAction, default=True,
                    help='shapes: keep HELD_OUT_PHRASINGS and their words out of the training captions, so eval.py '
                         '--phrasing held_out measures wordings the model never read')
@@ -845,8 +876,11 @@ def check_args(args) -> None:
         raise DataError('--dataset shapes is procedural and takes no --src')
     if args.dataset != 'shapes' and args.holdout:
         raise DataError('--holdout applies to --dataset shapes only')
-    if not 0 <= args.edges <= 1:
-        raise DataError(f'--edges is a share of the clips: between 0 and 1, got {args.edges}')
+    for name in ('edges', 'wrap'):
+        if not 0 <= getattr(args, name) <= 1:
+            raise DataError(f'--{name} is a share of the clips: between 0 and 1, got {getattr(args, name)}')
+    if args.edges + args.wrap > 1:
+        raise DataError(f'--edges {args.edges} and --wrap {args.wrap} are shares of the same clips: at most 1 together')
     if args.dataset == 'shapes':
         parse_holdout(args.holdout)
     if args.text_encoding == 'bpe' and args.vocab_size < 257:
@@ -862,7 +896,8 @@ def check_args(args) -> None:
 
 def dataset_flags(args) -> dict:
     """The flags that define the dataset's content: equal flags mean an existing dataset can be reused."""
-    keys = {'shapes': ('size', 'frames', 'fps', 'n_train', 'n_val', 'seed', 'holdout', 'holdout_phrasings', 'edges'),
+    keys = {'shapes': ('size', 'frames', 'fps', 'n_train', 'n_val', 'seed', 'holdout', 'holdout_phrasings', 'edges',
+                       'wrap'),
             'folder': ('src', 'size', 'frames', 'fps', 'stride', 'val_frac'),
             'mnist': ('src', 'size', 'frames', 'fps', 'n_train', 'n_val', 'seed')}[args.dataset]
     flags = {k: getattr(args, k) for k in keys} | dict(dataset=args.dataset, text_encoding=args.text_encoding,
@@ -872,6 +907,8 @@ def dataset_flags(args) -> dict:
     if args.dataset == 'shapes':
         flags['holdout'] = ','.join(' '.join(h.values()) for h in parse_holdout(args.holdout))
         flags['captions'] = CAPTIONS_VERSION
+        if not flags['wrap']:  # added later: at its default it is left out, so older datasets are reused
+            del flags['wrap']
     return flags
 
 

@@ -40,6 +40,22 @@ def test_reader_recovers_every_combination(size):
         assert {a: got[a] for a in pd.ATTRIBUTES} == c['attrs']
 
 
+@pytest.mark.parametrize('size', [32, 64])
+def test_reader_follows_objects_round_the_wrapped_canvas(size):
+    clips = pd.sample_shapes(80, size, 17, np.random.default_rng(size), wrap=1.0)
+    videos = pd.render_shapes(clips, size)
+    def on_opposite_edges(v):  # per frame: the object is on the left and right (or top and bottom) edges at once
+        fg = v.max(-1) > 90
+        return (fg[:, :, 0].any(-1) & fg[:, :, -1].any(-1)) | (fg[:, 0].any(-1) & fg[:, -1].any(-1))
+    assert sum(on_opposite_edges(v).any() for v in videos) > 40  # objects cross the edges, drawn in two parts
+    for c, v in zip(clips, videos):
+        got = pd.read_clip(v)
+        assert got['valid'] and {a: got[a] for a in pd.ATTRIBUTES} == c['attrs'], (c['attrs'], got)
+    plain = pd.sample_shapes(200, size, 17, np.random.default_rng(size))  # without wrap: as before, all inside
+    assert not any(c['wrap'] for c in plain)
+    assert not any(on_opposite_edges(v).any() for v in pd.render_shapes(plain, size))
+
+
 def test_reader_on_downsampled_clips():
     rng = np.random.default_rng(1)
     clips = pd.sample_shapes(64, 64, 17, rng)
@@ -283,6 +299,8 @@ def test_mnist_from_idx_files(tmp_path):
     (['--holdout', 'purple circle'], "unknown word 'purple'"),
     (['--text_encoding', 'nope'], 'not a tiktoken encoding'),
     (['--vocab_size', '100'], '--vocab_size must be at least 257'),
+    (['--wrap', '1.5'], '--wrap is a share of the clips'),
+    (['--edges', '0.5', '--wrap', '0.75'], 'at most 1 together'),
 ])
 def test_bad_input_clear_error_and_nothing_written(tmp_path, argv, words):
     (tmp_path / 'EMPTY').mkdir()
