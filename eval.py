@@ -229,14 +229,18 @@ def eval_story(model, tok, ckpt: dict, args, settings: dict) -> dict:
     seg_a, seg_b, second = np.concatenate(seg_a), np.concatenate(seg_b), [s[1] for s in stories]
     reverse = np.array([prepare_data.parse_caption(b)['motion'] == OPPOSITE[prepare_data.parse_caption(a)['motion']]
                         for a, b in stories])
-    # the reader needs 0.15 of the canvas of travel: where B starts closer to its edge, no video can be right
-    free = np.array([room(v[-1], prepare_data.parse_caption(b)['motion']) >= 0.15 for v, b in zip(seg_a, second)])
+    # the reader needs 0.15 of the canvas of travel: where B starts closer to its edge, no video can be right,
+    # unless the model's data wraps round the canvas (prepare_data.py --wrap): then every object has room
+    wraps = ckpt['data_meta'].get('flags', {}).get('wrap', 0) > 0
+    free = np.array([wraps or room(v[-1], prepare_data.parse_caption(b)['motion']) >= 0.15
+                     for v, b in zip(seg_a, second)])
     out = {'frames': frames, 'segment_frames': [[a0, a1], [b0, b1]], 'motion_change': args.story_motion,
            'segment_1': prepare_data.caption_accuracy(seg_a, [s[0] for s in stories]),
            'segment_2': prepare_data.caption_accuracy(seg_b, second)}
     parts = (('reverse', reverse), ('right_angle', ~reverse)) if args.story_motion == 'any' else ()
     for name, keep in (*parts, ('with_room', free), ('without_room', ~free)):  # the second segment, apart
-        out[f'segment_2_{name}'] = prepare_data.caption_accuracy(seg_b[keep], [s for s, k in zip(second, keep) if k])
+        if keep.any():
+            out[f'segment_2_{name}'] = prepare_data.caption_accuracy(seg_b[keep], [s for s, k in zip(second, keep) if k])
     out['seconds_per_video'] = (time.time() - t0) / len(stories)
     return out
 
