@@ -197,8 +197,9 @@ def sample_shapes(n: int, size: int, frames: int, rng: np.random.Generator, hold
     """Draw n clips' attributes and trajectories (centres in pixels, per frame) under the rules of SHAPES.md.
     A share `edges` of them starts closer to the edge it moves to (0.2 of the canvas up to its travel), reaches
     it during the clip and stays there: what a story's later prompt meets where the object already travelled.
-    A share `wrap` starts anywhere and wraps round the canvas (leaving one edge, it comes back in at the
-    opposite one), so that a motion can go on from any place, as a story's later prompt or a long video asks."""
+    A share `wrap` starts anywhere (whole) and wraps round the canvas (leaving one edge, it comes back in at
+    the opposite one), so that a motion can go on from any place, as a story's later prompt or a long video
+    asks."""
     combos = [c for c in COMBOS if not is_held_out(dict(zip(ATTRIBUTES, c)), holdout)]
     if not combos:
         raise DataError('--holdout removes every combination; nothing is left to train on')
@@ -215,8 +216,8 @@ def sample_shapes(n: int, size: int, frames: int, rng: np.random.Generator, hold
         if edges and rng.random() < edges:  # the edge is `room` away, less than the travel: it stops there
             room = rng.uniform(0.2 * size, dist)
             along = lo + room if mx + my < 0 else hi - room
-        elif wrap and rng.random() < wrap:  # anywhere on the torus; render_shapes draws it modulo the canvas
-            along, across, wraps = *rng.uniform(0, size, 2), True
+        elif wrap and rng.random() < wrap:  # it starts whole, anywhere, and may cross the edge it moves to
+            along, wraps = rng.uniform(lo, hi), True  # (render_shapes draws it modulo the canvas)
         t = np.linspace(0, 1, frames)
         moving = along + (mx + my) * np.minimum(dist * t, room)
         cx, cy = (moving, np.full(frames, across)) if mx else (np.full(frames, across), moving)
