@@ -161,7 +161,7 @@ class PriorConfig:
     grid: tuple = (5, 8, 8)  # latent (frames, height, width) of one training clip
     n_layer: int = 4  # transformer blocks
     text_layers: int = 2  # bidirectional blocks over the text alone before the blocks read it (held-out
-    #                       phrasings 0.83 -> 0.90 for ar, 0.81 -> 0.92 for mask at its lower lr: RESULTS.md)
+    #                       phrasings 0.83 -> 0.90 for ar, 0.81 -> 0.92-0.95 for mask at its lower lr: RESULTS.md)
     text_context: bool = True  # with text layers: the blocks read their text as keys and values only and compute
     #                        nothing for its rows (a step 1.06-1.17x as fast, as accurate: RESULTS.md); False, or
     #                        no text layers: the text rows go through the blocks with the video

@@ -148,6 +148,14 @@ def test_shapes_format_round_trip_holdout_and_paraphrases(tmp_path):
     assert code == 0 and 'reusing' in log
     code, log = run('--out', str(out), '--n_train', '300', '--n_val', '40', '--size', '32')
     assert code == 2 and '--force' in log and 'n_train' in log
+    # a flag left out of older datasets at its default (--wrap): the difference named both ways, no traceback
+    for wrap, diff in (('0.25', 'wrap: None -> 0.25'), ('0', 'wrap: 0.25 -> None')):
+        code, log = run('--out', str(out), '--n_train', '400', '--n_val', '40', '--size', '32', '--wrap', wrap,
+                        '--holdout', 'green triangle, small cyan')
+        assert code == 2 and diff in log and 'Traceback' not in log, log
+        if wrap == '0.25':
+            assert run('--out', str(out), '--n_train', '400', '--n_val', '40', '--size', '32', '--wrap', wrap,
+                       '--holdout', 'green triangle, small cyan', '--force')[0] == 0
     code, log = run('--out', str(out), '--n_train', '300', '--n_val', '40', '--size', '32', '--force')
     assert code == 0 and pd.load_meta(str(out))['counts']['train'] == 300
     assert sorted(os.listdir(tmp_path)) == ['shapes']  # no temporary directories left behind
