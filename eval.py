@@ -208,6 +208,8 @@ def eval_story(model, tok, ckpt: dict, args, settings: dict) -> dict:
     if not 1 <= args.turn_context < t:
         raise train.TrainError(f'--turn_context must be between 1 and {t - 1} latent frames, got {args.turn_context}')
     ends, context = sample.story_split(2, frames, ft), (t + 1) // 2
+    wraps = sample.wraps(ckpt['data_meta'])
+    centre = wraps and not args.no_centre
     (a0, a1), (b0, b1) = sample.part_frames(ends, ft)
     rng = np.random.default_rng(args.seed)
     stories = []
@@ -221,9 +223,9 @@ def eval_story(model, tok, ckpt: dict, args, settings: dict) -> dict:
         part = stories[i:i + args.batch_size]
         ids = [sample.encode_prompts([s[k] for s in part], ckpt['data_meta']).to(args.device) for k in (0, 1)]
         with train.autocast(args.device, args.dtype):
-            codes = sample.sample_long(model, ids, ends, context, generator=g, turn_context=args.turn_context,
-                                       **settings)
-            videos = prepare_data.to_uint8(train.to_clips(model.reads, tok, codes))  # (n, frames, H, W, 3)
+            videos = prepare_data.to_uint8(sample.sample_long(model, tok, ids, ends, context, generator=g,
+                                                              turn_context=args.turn_context, centre=centre,
+                                                              **settings))
         seg_a.append(videos[:, a0:a1])
         seg_b.append(videos[:, b0:b1])
     seg_a, seg_b, second = np.concatenate(seg_a), np.concatenate(seg_b), [s[1] for s in stories]
@@ -231,10 +233,10 @@ def eval_story(model, tok, ckpt: dict, args, settings: dict) -> dict:
                         for a, b in stories])
     # the reader needs 0.15 of the canvas of travel: where B starts closer to its edge, no video can be right,
     # unless the model's data wraps round the canvas (prepare_data.py --wrap): then every object has room
-    wraps = ckpt['data_meta'].get('flags', {}).get('wrap', 0) > 0
     free = np.array([wraps or room(v[-1], prepare_data.parse_caption(b)['motion']) >= 0.15
                      for v, b in zip(seg_a, second)])
     out = {'frames': frames, 'segment_frames': [[a0, a1], [b0, b1]], 'motion_change': args.story_motion,
+           'centre': centre,
            'segment_1': prepare_data.caption_accuracy(seg_a, [s[0] for s in stories]),
            'segment_2': prepare_data.caption_accuracy(seg_b, second)}
     parts = (('reverse', reverse), ('right_angle', ~reverse)) if args.story_motion == 'any' else ()
@@ -307,6 +309,8 @@ def get_args(argv=None):
                         'caption uses (prepare_data.py --holdout_phrasings), or in the training grammar')
     p.add_argument('--turn_context', type=int, default=1, help='generator: latent frames kept where the prompt '
                    'changes (as sample.py --turn_context)')
+    p.add_argument('--no_centre', action='store_true', help='generator: on data that wraps round the canvas, do '
+                   'not roll each window to put the object in the middle (as sample.py --no_centre)')
     p.add_argument('--given', choices=['first', 'ends'], default=None, help='generator: give it the first frame '
                    '(image to video) or the first and last (interpolation, diffusion) of --n validation clips')
     p.add_argument('--superres', action='append', default=[], help='generator: also measure its videos after this '

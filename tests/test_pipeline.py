@@ -13,6 +13,7 @@ import torch
 import eval as eval_script
 import prepare_data
 import sample
+import tokenizer
 import train
 from conftest import ROOT
 
@@ -133,24 +134,27 @@ def test_long_story_and_image(run_dir, tmp_path, run):
     rec = json.loads(open(tmp_path / 'o' / 'samples.jsonl').readline())
     assert rec['parts'] == ['a red circle moving left', 'a red circle moving up']
     assert rec['part_frames'] == [[0, 17], [17, 33]]  # the frames shared out in proportion
+    assert rec['centre'] is False  # its data does not wrap round the canvas
     code, log = run(sample, '--ckpt', str(run_dir / 'mask' / 'ckpt.pt'), '--prompt', 'a red circle moving left',
                     '--num_samples', '1', '--steps', '3', '--out', str(tmp_path / 'm'), '--no_mp4', '--image', str(img))
     assert code == 0, log
 
 
 class WindowRecorder:
-    """A stand-in generator that records the windows sample_long asks for: (latent frames given, new prompt)."""
+    """A stand-in generator of pixels (B, 1, t, 1, 1) that records the windows sample_long asks for: (frames
+    given, new prompt); window k's new frames hold k."""
     config = type('Config', (), {'grid': (3, 1, 1)})
+    reads = 'pixels'
 
     def __init__(self):
         self.calls = []
 
     def sample(self, text, x=None, generator=None, new_prompt=False):
-        given = 0 if x is None else x.shape[1]
+        given = 0 if x is None else x.shape[2]
         self.calls.append((given, new_prompt))
-        out = torch.full((text.shape[0], 3, 1, 1), len(self.calls))
+        out = torch.full((text.shape[0], 1, 3, 1, 1), float(len(self.calls)))
         if x is not None:
-            out[:, :given] = x
+            out[:, :, :given] = x
         return out
 
 
@@ -159,13 +163,75 @@ class WindowRecorder:
 def test_story_windows_keep_less_where_the_prompt_changes(turn_context, windows):
     m = WindowRecorder()
     a, b = torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)
-    codes = sample.sample_long(m, [a, b], [4, 7], context=2, turn_context=turn_context)
+    video = sample.sample_long(m, None, [a, b], [4, 7], context=2, turn_context=turn_context)
     assert m.calls == windows
-    assert codes.shape == (2, 7, 1, 1) and codes[0, :3].flatten().tolist() == [1, 1, 1]  # window 1 made frames 0-2
+    assert video.shape == (2, 1, 7, 1, 1) and video[0, 0, :3].flatten().tolist() == [1, 1, 1]  # window 1: 0-2
     m = WindowRecorder()  # a part shorter than a window: its window is cut where the next part starts
-    codes = sample.sample_long(m, [a, b, a], [2, 5, 7], context=2, turn_context=1)
+    video = sample.sample_long(m, None, [a, b, a], [2, 5, 7], context=2, turn_context=1)
     assert m.calls == [(0, False), (1, True), (2, False), (1, True)]
-    assert codes[0].flatten().tolist() == [1, 1, 2, 2, 3, 4, 4]
+    assert video[0].flatten().tolist() == [1, 1, 2, 2, 3, 4, 4]
+
+
+class CodesRecorder(WindowRecorder):
+    """The same over codes (B, t, h, w) of a tokenizer: records the codes each window is given and makes."""
+    reads = 'codes'
+
+    def __init__(self, tok, t):
+        super().__init__()
+        self.tok, self.t, self.given, self.made = tok, t, [], []
+
+    def sample(self, text, x=None, generator=None, new_prompt=False):
+        self.given.append(x)
+        h = self.tok.config.resolution // self.tok.config.factors[1]
+        out = torch.randint(0, self.tok.codebook_size, (text.shape[0], self.t, h, h), generator=generator)
+        if x is not None:
+            out[:, :x.shape[1]] = x
+        self.made.append(out)
+        return out
+
+
+def test_a_window_continues_from_its_kept_frames_encoded_again():
+    """A window is given the tokenizer's codes of the last 1 + ft (keep - 1) frames made, so its first latent frame
+    is one frame alone, as in training, not the ft frames of the latent frame as made."""
+    tok = tokenizer.Tokenizer(tokenizer.TokenizerConfig(resolution=16, channels=8, levels=(2, 2))).eval()
+    ft, m = tok.config.factors[0], CodesRecorder(tok, 3)
+    video = sample.sample_long(m, tok, [torch.zeros(1, 4, dtype=torch.long)], [5], context=2,
+                               generator=torch.Generator().manual_seed(0))
+    assert video.shape == (1, 3, 1 + 4 * ft, 16, 16) and torch.equal(video[:, :, :1 + 2 * ft], tok.decode(m.made[0]))
+    assert m.given[0] is None and torch.equal(m.given[1], tok.encode(video[:, :, ft:2 * ft + 1]))
+
+
+def square(y: int, x: int, size: int = 16) -> torch.Tensor:
+    """A frame (3, size, size) in [-1, 1]: black, with a white 5x5 square from (y, x), wrapping round the edges."""
+    f = -torch.ones(3, size, size)
+    f[:, (torch.arange(y, y + 5) % size)[:, None], (torch.arange(x, x + 5) % size)[None]] = 1
+    return f
+
+
+@pytest.mark.parametrize('y, x', [(0, 0), (14, 3), (6, 14), (15, 15)])
+def test_centring_puts_an_object_split_by_the_edges_whole_in_the_middle(y, x):
+    shift = sample.centring(square(y, x)[None])
+    moved = sample.roll(square(y, x)[None, :, None], shift)[0, :, 0]
+    assert torch.equal(moved, square(6, 6))  # the square's middle at 8, 8
+    assert torch.equal(sample.roll(moved[None, :, None], -shift)[0, :, 0], square(y, x))
+    assert sample.centring(-torch.ones(1, 3, 16, 16)).tolist() == [[0, 0]]  # an empty frame stays
+
+
+class Still(WindowRecorder):
+    """A pixel model whose windows hold their last given frame still, and record what they were given."""
+    def sample(self, text, x=None, generator=None, new_prompt=False):
+        self.calls.append(x)
+        if x is None:
+            return square(14, 14)[None, :, None].repeat(text.shape[0], 1, 3, 1, 1)
+        return torch.cat([x, x[:, :, -1:].repeat(1, 1, 3 - x.shape[2], 1, 1)], 2)
+
+
+@pytest.mark.parametrize('centre', [True, False])
+def test_centred_windows_see_the_object_whole_and_give_it_back_in_place(centre):
+    m = Still()
+    video = sample.sample_long(m, None, [torch.zeros(1, 4, dtype=torch.long)], [7], context=1, centre=centre)
+    assert video.shape == (1, 3, 7, 16, 16) and all(torch.equal(f, square(14, 14)) for f in video[0].unbind(1))
+    assert all(torch.equal(x[0, :, -1], square(6, 6) if centre else square(14, 14)) for x in m.calls[1:])
 
 
 @pytest.mark.parametrize('parts, frames, ends, spans', [
@@ -309,6 +375,7 @@ def test_eval_story_cli(run_dir, tmp_path, run):
     assert code == 0, log
     out = json.load(open(tmp_path / 's.json'))
     assert out['frames'] == 65 and out['segment_frames'] == [[0, 33], [33, 65]]  # sample.py --story's split
+    assert out['centre'] is False
     assert out['segment_1']['n'] == 4 and out['segment_2']['n'] == 4
     n_of = lambda out, part: out.get(f'segment_2_{part}', {'n': 0})['n']  # a part without stories is left out
     assert n_of(out, 'reverse') + n_of(out, 'right_angle') == 4
@@ -320,7 +387,10 @@ def test_eval_story_cli(run_dir, tmp_path, run):
                     '--json', str(tmp_path / 's.json'))
     assert code == 0, log
     out = json.load(open(tmp_path / 's.json'))
-    assert n_of(out, 'with_room') == 4 and n_of(out, 'without_room') == 0
+    assert n_of(out, 'with_room') == 4 and n_of(out, 'without_room') == 0 and out['centre']  # windows centred
+    code, log = run(eval_script, '--ckpt', str(tmp_path / 'wrapped.pt'), '--story', '1', '--story_frames', '33',
+                    '--no_centre', '--json', str(tmp_path / 's.json'))
+    assert code == 0 and not json.load(open(tmp_path / 's.json'))['centre'], log
     code, log = run(eval_script, '--ckpt', ar, '--story', '1', '--story_frames', '33', '--story_motion', 'opposite',
                     '--json', str(tmp_path / 's.json'))
     assert code == 0, log
