@@ -853,9 +853,9 @@ def get_args(argv=None):
     p.add_argument('--edges', type=float, default=0.0, help='shapes: share of clips whose object reaches the edge '
                    'it moves to and stops there (0.25 helped right-angle stories and cost caption accuracy: '
                    'RESULTS.md)')
-    p.add_argument('--wrap', type=float, default=0.0, help='shapes: share of clips whose object starts whole anywhere '
-                   'and wraps round the canvas, leaving one edge and coming back at the opposite one (so that a story\'s '
-                   'later prompt can move it from anywhere; pipeline.sh: 0.25)')
+    p.add_argument('--wrap', type=float, default=0.0, help='shapes: share of clips whose object starts whole '
+                   'anywhere and wraps round the canvas, leaving one edge and coming back at the opposite one (so '
+                   "that a story's later prompt can move it from anywhere; pipeline.sh: 0.25)")
     p.add_argument('--holdout_phrasings', action=argparse.BooleanOptionalAction, default=True,
                    help='shapes: keep HELD_OUT_PHRASINGS and their words out of the training captions, so eval.py '
                         '--phrasing held_out measures wordings the model never read')
@@ -929,7 +929,8 @@ def prepare(args) -> str:
             return out
         if not args.force:
             keys = [*flags, *(k for k in old or {} if k not in flags)]  # a flag written or left out at its default
-            diff = ', '.join(f'{k}: {old.get(k)!r} -> {flags.get(k)!r}' for k in keys if old and old.get(k) != flags.get(k))
+            diff = ', '.join(f'{k}: {old.get(k)!r} -> {flags.get(k)!r}' for k in keys
+                             if old and old.get(k) != flags.get(k))
             raise DataError(f'{out} already exists' + (f' with other flags ({diff})' if diff else ' and is not this dataset')
                             + '; pass --force to replace it or --out to write elsewhere')
     parent, base = os.path.dirname(os.path.abspath(out)), os.path.basename(out)
