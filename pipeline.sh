@@ -10,8 +10,9 @@
 # small cyan shapes, so eval.py also measures compositional generalisation on them, and (like every shapes
 # dataset) a set of phrasings, measured by the second accuracy step. The tokenizer and the
 # upsampler never read a caption: they train on every combination (TOK_DATA), so they can draw them all.
-# The generator makes 32x32 videos and the upsampler (superres.py) turns them into 64x64 ones. A quarter of
-# the clips wrap round the canvas (--wrap 0.25), so that a story's later prompt can move its object from anywhere.
+# The generator makes 32x32 videos and the upsampler (superres.py) turns them into 64x64 ones. An eighth of
+# the clips wrap round the canvas (--wrap 0.125), so that a story's later prompt can move its object from anywhere
+# (a quarter cost the priors 2-3 points of caption accuracy: RESULTS.md).
 # Extra flags per step come from the environment, e.g. PRIOR_FLAGS="--n_layer 8" bash pipeline.sh (PRIOR_FLAGS
 # reach the diffusion model too);
 # DATA, TOK_DATA and OUT move the data and the checkpoints (default data/shapes_holdout, data/shapes, out).
@@ -42,8 +43,8 @@ resume() {  # --resume when an earlier run of this step left a checkpoint
     if [[ -f $1/ckpt.pt ]]; then echo --resume; else echo --no-resume; fi
 }
 
-step data python prepare_data.py --out "$DATA" --holdout "green triangle,small cyan" --wrap 0.25 ${DATA_FLAGS:-}
-step tokenizer_data python prepare_data.py --out "$TOK_DATA" --wrap 0.25 ${DATA_FLAGS:-}
+step data python prepare_data.py --out "$DATA" --holdout "green triangle,small cyan" --wrap 0.125 ${DATA_FLAGS:-}
+step tokenizer_data python prepare_data.py --out "$TOK_DATA" --wrap 0.125 ${DATA_FLAGS:-}
 step tokenizer python train.py --model=tokenizer --data "$TOK_DATA" --out_dir "$TOK" --max_iters 2000 \
     $(resume "$TOK") ${TOK_FLAGS:-}
 step superres python train.py --model=superres --data "$TOK_DATA" --out_dir "$SR" $(resume "$SR") ${SR_FLAGS:-}

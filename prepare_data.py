@@ -855,7 +855,7 @@ def get_args(argv=None):
                    'RESULTS.md)')
     p.add_argument('--wrap', type=float, default=0.0, help='shapes: share of clips whose object starts whole '
                    'anywhere and wraps round the canvas, leaving one edge and coming back at the opposite one (so '
-                   "that a story's later prompt can move it from anywhere; pipeline.sh: 0.25)")
+                   "that a story's later prompt can move it from anywhere; pipeline.sh: 0.125)")
     p.add_argument('--holdout_phrasings', action=argparse.BooleanOptionalAction, default=True,
                    help='shapes: keep HELD_OUT_PHRASINGS and their words out of the training captions, so eval.py '
                         '--phrasing held_out measures wordings the model never read')
