@@ -51,16 +51,16 @@ class TimeConv(nn.Module):
 
 class Block(nn.Module):
     """Pseudo-3D residual block without norms (EDSR): conv over space, over time, scale-and-shift by the noise
-    level, SiLU, again over space and time; the second convolution starts at zero, so the block at identity."""
+    level, SiLU, again over space and time. Only the scale-and-shift starts at zero: with the second convolution
+    at zero as well, the first learned nothing until the second and the output had grown (RESULTS.md)."""
 
     def __init__(self, c: int, emb: int, temporal: bool):
         super().__init__()
         self.space1, self.space2 = space_conv(c, c), space_conv(c, c)
         self.time1, self.time2 = (TimeConv(c), TimeConv(c)) if temporal else (nn.Identity(), nn.Identity())
         self.film = nn.Linear(emb, 2 * c)
-        for m in (self.space2, self.film):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
 
     def forward(self, x, emb):  # x (B, C, T, h, w), emb (B, E)
         scale, shift = self.film(emb)[:, :, None, None, None].chunk(2, 1)  # 2 x (B, C, 1, 1, 1)
@@ -111,7 +111,7 @@ class SuperResConfig:
     # max_iters, ema)
     resolution: int = 0  # train on clips of this square size, the output's (0 = the data's); the input is / scale
     optimizer: str = 'adamw'  # adamw (the only choice)
-    lr: float = 3e-3  # peak learning rate
+    lr: float = 2e-3  # peak learning rate (3e-3 spiked at the end of warmup in one run of three: RESULTS.md)
     weight_decay: float = 0.0  # on convolution and linear weights
     betas: tuple = (0.9, 0.99)  # AdamW's betas
     batch_size: int = 8  # clips per micro-step per process

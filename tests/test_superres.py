@@ -89,6 +89,22 @@ def test_overfits_and_beats_bicubic():
     assert err(m.eval().sample(None, lo)) < 0.5 * err(bicubic(lo, 2).clamp(-1, 1))
 
 
+def test_every_layer_learns_from_the_second_step():
+    # only the output convolution starts at zero: were the blocks' second convolutions zero too, their first
+    # ones would get no gradient until both had grown, the plateau that cost runs 5 dB (RESULTS.md)
+    torch.manual_seed(0)
+    m = SuperRes(SuperResConfig(**TINY))
+    opt, = m.configure_optimizers('cpu')
+    x = clips(B=2, T=3, S=16)
+    for step in range(2):
+        opt.zero_grad()
+        m(x)[1].backward()
+        if step == 0:
+            opt.step()
+    stuck = [n for n, p in m.blocks.named_parameters() if n.endswith('weight') and p.grad.abs().max() == 0]
+    assert not stuck, stuck
+
+
 def test_augment_trains_on_flips_transposes_and_reversals_of_each_clip():
     x = clips(B=8, T=3, S=8, seed=1)
     variants = [v for t in (x, x.flip(2)) for s in (t, t.transpose(-1, -2)) for h in (s, s.flip(-1))
