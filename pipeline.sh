@@ -12,7 +12,7 @@
 # upsampler never read a caption: they train on every combination (TOK_DATA), so they can draw them all.
 # The generator makes 32x32 videos and the upsampler (superres.py) turns them into 64x64 ones. An eighth of
 # the clips wrap round the canvas (--wrap 0.125), so that a story's later prompt can move its object from anywhere
-# (a quarter cost the priors 2-3 points of caption accuracy: RESULTS.md).
+# (a quarter cost the priors 1-4 points of caption accuracy: RESULTS.md).
 # Extra flags per step come from the environment, e.g. PRIOR_FLAGS="--n_layer 8" bash pipeline.sh (PRIOR_FLAGS
 # reach the diffusion model too);
 # DATA, TOK_DATA and OUT move the data and the checkpoints (default data/shapes_holdout, data/shapes, out).
