@@ -15,7 +15,8 @@ codebook in use, and, on shapes data, the share of reconstructions that the shap
 original's four attributes. A generator makes --samples_per_prompt videos for each of --n_prompts shapes
 captions (all 192 by default): per-attribute and all-four accuracy and the invalid share, overall and apart
 for the combinations its training data held out, and the seconds per video; --phrasing held_out words the
-prompts in phrasings no training caption uses. --story measures two-prompt stories. With --given, a generator is
+prompts in phrasings no training caption uses, and reports each apart (phrasing_1 ... in the order of
+prepare_data.HELD_OUT_PHRASINGS). --story measures two-prompt stories. With --given, a generator is
 given the first frame (first) or the first and last frames (ends, diffusion only) of --n validation clips with
 their captions: the PSNR of the given frames as they come back, the caption accuracy of the videos, and for ends
 the PSNR of the frames between against the real clip and against a linear cross-fade of the two given frames.
@@ -176,6 +177,11 @@ def eval_generator(model, tok, ckpt: dict, args, settings: dict) -> dict:
         held = np.array([prepare_data.is_held_out(prepare_data.parse_caption(p), holdout) for p in prompts])
         for name, keep in (('seen', ~held), ('held_out', held)):
             out[name] = prepare_data.caption_accuracy(videos[keep], [p for p, k in zip(prompts, keep) if k])
+    if args.phrasing == 'held_out':  # each wording apart, phrasing_1 ... in HELD_OUT_PHRASINGS's order
+        which = np.array([prepare_data.held_out_phrasing(p) for p in prompts])
+        for i in np.unique(which[which >= 0]):
+            keep = which == i
+            out[f'phrasing_{i + 1}'] = prepare_data.caption_accuracy(videos[keep], [p for p, k in zip(prompts, keep) if k])
     out['phrasing'] = args.phrasing
     out['seconds_per_video'] = (time.time() - t0) / len(prompts)
     return out

@@ -141,6 +141,14 @@ def held_out_caption(attrs: dict, rng: np.random.Generator) -> str:
     return HELD_OUT_PHRASINGS[rng.integers(len(HELD_OUT_PHRASINGS))].format(**words)
 
 
+def held_out_phrasing(prompt: str) -> int:
+    """Which of HELD_OUT_PHRASINGS a prompt of held_out_caption() is written in (its index), or -1."""
+    for i, template in enumerate(HELD_OUT_PHRASINGS):
+        if re.fullmatch(re.sub(r'\\\{\w+\\\}', '(.+)', re.escape(template)), prompt):
+            return i
+    return -1
+
+
 def synonyms(attrs: dict, rng: np.random.Generator) -> dict:
     """Each attribute's value as one of its words (SYNONYMS), drawn at random."""
     return {k: str(rng.choice(SYNONYMS.get(v, (v,)))) for k, v in attrs.items()}

@@ -415,6 +415,9 @@ def test_eval_held_out_phrasings_cli(run_dir, tmp_path, run):
     assert code == 0 and 'warning' not in log, log
     out = json.load(open(tmp_path / 'p.json'))
     assert out['phrasing'] == 'held_out' and out['all_prompts']['n'] == 3
+    rows = {k: v for k, v in out.items() if k.startswith('phrasing_')}  # each wording apart, 3 videos in all
+    assert rows and sum(v['n'] for v in rows.values()) == 3 and 'phrasing_' in log
+    assert {int(k[9:]) for k in rows} <= set(range(1, len(prepare_data.HELD_OUT_PHRASINGS) + 1))
 
 
 @pytest.mark.slow

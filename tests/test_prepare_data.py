@@ -186,6 +186,16 @@ def test_every_phrasing_names_its_attributes():
     assert pd.caption(attrs) == pd.CANONICAL.format(**attrs)
 
 
+def test_held_out_phrasing_names_the_wording_of_a_prompt():
+    rng = np.random.default_rng(0)
+    for combo in pd.COMBOS[::7]:
+        attrs = dict(zip(pd.ATTRIBUTES, combo))
+        for i, template in enumerate(pd.HELD_OUT_PHRASINGS):
+            assert pd.held_out_phrasing(template.format(**pd.synonyms(attrs, rng))) == i
+        assert pd.held_out_phrasing(pd.caption(attrs)) == -1
+        assert pd.held_out_phrasing(pd.caption(attrs, rng, held_out_share=0.0)) == -1
+
+
 def test_text_normalisation_gives_the_clean_prompts_ids():
     meta = pd.make_text_meta([pd.caption(dict(zip(pd.ATTRIBUTES, c))) for c in pd.COMBOS], 'bpe', 300, 24)
     raw = '  A Big,  RED circle... moving LEFT!\n'
