@@ -172,16 +172,17 @@ def eval_generator(model, tok, ckpt: dict, args, settings: dict) -> dict:
     out = {'all_prompts': prepare_data.caption_accuracy(videos, prompts)}
     if upsamplers:  # the same videos after the upsamplers, read at their new size
         out['superres'] = prepare_data.caption_accuracy(np.concatenate(big), prompts)
+
+    def part(keep):  # the accuracy of the videos where keep is True
+        return prepare_data.caption_accuracy(videos[keep], [p for p, k in zip(prompts, keep) if k])
     holdout = prepare_data.parse_holdout(meta.get('holdout', ''))
     if holdout:
         held = np.array([prepare_data.is_held_out(prepare_data.parse_caption(p), holdout) for p in prompts])
-        for name, keep in (('seen', ~held), ('held_out', held)):
-            out[name] = prepare_data.caption_accuracy(videos[keep], [p for p, k in zip(prompts, keep) if k])
+        out['seen'], out['held_out'] = part(~held), part(held)
     if args.phrasing == 'held_out':  # each wording apart, phrasing_1 ... in HELD_OUT_PHRASINGS's order
         which = np.array([prepare_data.held_out_phrasing(p) for p in prompts])
         for i in np.unique(which[which >= 0]):
-            keep = which == i
-            out[f'phrasing_{i + 1}'] = prepare_data.caption_accuracy(videos[keep], [p for p, k in zip(prompts, keep) if k])
+            out[f'phrasing_{i + 1}'] = part(which == i)
     out['phrasing'] = args.phrasing
     out['seconds_per_video'] = (time.time() - t0) / len(prompts)
     return out
