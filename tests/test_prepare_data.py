@@ -132,7 +132,7 @@ def test_shapes_format_round_trip_holdout_and_paraphrases(tmp_path):
         got = pd.read_clip(train['clips'][i])
         assert got['valid'] and pd.parse_caption(train['captions'][i]) == {a: got[a] for a in pd.ATTRIBUTES}
         ids = [t for t in train['ids'][i] if t != pad]
-        assert enc.decode(ids) == pd.normalize_text(train['captions'][i])  # punctuation out, as prompts
+        assert enc.decode(ids) == ' ' + pd.normalize_text(train['captions'][i])  # punctuation out, as prompts
     for cap in train['captions']:  # held-out combinations never reach train
         attrs = pd.parse_caption(cap)
         assert not (attrs['color'] == 'green' and attrs['shape'] == 'triangle')
@@ -202,6 +202,14 @@ def test_text_normalisation_gives_the_clean_prompts_ids():
     clean, messy = pd.text_tokens(['a big red circle moving left', raw], meta)
     assert clean == messy and pd.get_encoding(meta).encode_ordinary(raw) != clean
     assert pd.normalize_text("The ball's (tiny) box;up") == "the ball's tiny box up"
+
+
+def test_a_word_is_one_token_wherever_it_stands():
+    meta = pd.make_text_meta([pd.caption(dict(zip(pd.ATTRIBUTES, c))) for c in pd.COMBOS], 'bpe', 512, 24)
+    word, first, last = pd.text_tokens(['left', 'left goes a red circle', 'a red circle goes left'], meta)
+    assert len(word) == 1 and first[0] == last[-1] == word[0] and sorted(first) == sorted(last)
+    old = dict(meta, normalize=True)  # datasets written before: no space before the first word, as trained
+    assert pd.text_tokens(['left goes'], old)[0] == pd.get_encoding(meta).encode_ordinary('left goes')
 
 
 def test_bpe_round_trip():
