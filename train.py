@@ -419,7 +419,9 @@ def preview(model, tok, x, ids, path: str, fps: float) -> None:
     """A PNG of clips over what the model makes of them (samples for their captions, or what its forward makes
     of them: a reconstruction, an upsampling of a smaller copy) and a GIF of the first one made."""
     g = torch.Generator(device=x.device).manual_seed(0)
-    made = model.sample(ids, generator=g) if model.kind == 'generator' else model(x, ids)[0]
+    training = model.training  # forward in eval mode: whole clips, though an upsampler trains on crops
+    made = model.eval().sample(ids, generator=g) if model.kind == 'generator' else model.eval()(x, ids)[0]
+    model.train(training)
     made, x = to_clips(model.reads, tok, made), to_clips(model.reads, tok, x)
     videos = prepare_data.to_uint8(torch.cat([x, made]))
     n = len(x)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -123,7 +124,31 @@ def test_augment_trains_on_flips_transposes_and_reversals_of_each_clip():
     assert torch.allclose(plain, bicubic(F.avg_pool3d(x, (1, 2, 2)), 2), atol=1e-5)
 
 
+def test_crops_train_on_a_square_of_each_clip_and_evaluation_on_whole_frames():
+    x = clips(B=6, T=3, S=16, seed=2)
+    m = SuperRes(SuperResConfig(**TINY, blur=0.0, noise=0.0, crop=8))  # at init: the bicubic of its input
+    torch.manual_seed(0)
+    out, loss = m(x)
+    assert out.shape == (6, 3, 3, 8, 8)
+    seen = set()
+    for b in range(6):
+        at = [(i, j) for i in range(9) for j in range(9) if torch.allclose(
+            out[b], bicubic(F.avg_pool3d(x[b:b + 1, :, :, i:i + 8, j:j + 8], (1, 2, 2)), 2)[0], atol=1e-5)]
+        assert at, f'clip {b} came out as none of its 8x8 squares'
+        seen.add(at[0])
+    assert len(seen) > 2  # each clip draws its own square
+    assert m.eval()(x)[0].shape == x.shape  # validation and previews: whole frames
+    assert m.train()(clips(B=2, T=3, S=8))[0].shape == (2, 3, 3, 8, 8)  # frames no larger than the crop: whole
+    assert SuperRes(SuperResConfig(**TINY, crop=0))(x)[0].shape == x.shape
+    old = SuperRes(SuperResConfig(**TINY))
+    ckpt = dict(config={k: v for k, v in dataclasses.asdict(old.config).items() if k != 'crop'}, model=old.state_dict())
+    assert SuperRes.from_checkpoint(ckpt).config.crop == 0  # a checkpoint from before crops trained on whole frames
+
+
 def test_bad_config_and_input():
+    for crop in (4, 9):
+        with pytest.raises(ValueError, match=f'crop {crop} must be 0'):
+            SuperRes(SuperResConfig(crop=crop))
     with pytest.raises(ValueError, match='not both 1'):
         SuperRes(SuperResConfig(scale=1, scale_t=1))
     with pytest.raises(ValueError, match='scale must be 1, 2 or 4'):
@@ -144,8 +169,8 @@ def runs(tmp_path_factory):
     prepare_data.prepare(prepare_data.get_args(['--out', data, '--n_train', '24', '--n_val', '6', '--size', '32']))
     common = ['--data', data, '--max_iters', '2', '--batch_size', '2', '--eval_iters', '1', '--eval_interval', '100',
               '--dtype', 'float32']
-    assert train.main(['--model=superres', *common, '--out_dir', str(d / 'space'), *sum(
-        ([f'--{k}', str(v)] for k, v in TINY.items()), [])]) == 0
+    assert train.main(['--model=superres', *common, '--out_dir', str(d / 'space'), '--crop', '16', *sum(
+        ([f'--{k}', str(v)] for k, v in TINY.items()), [])]) == 0  # trains on crops, previews whole clips
     assert train.main(['--model=superres', *common, '--out_dir', str(d / 'time'), '--scale', '1', '--scale_t', '2',
                        '--channels', '8', '--n_blocks', '1']) == 0
     assert train.main(['--model=tokenizer', *common, '--out_dir', str(d / 'tok'), '--channels', '8', '--resolution',
