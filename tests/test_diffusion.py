@@ -10,7 +10,7 @@ import eval as eval_script
 import prepare_data
 import sample
 import train
-from diffusion import Diffusion, DiffusionConfig, alpha_sigma, logsnr_of
+from diffusion import Diffusion, DiffusionConfig, FrameNorm, alpha_sigma, logsnr_of
 
 TINY = dict(in_channels=4, grid=(3, 4, 4), text_vocab=20, text_len=4, channels=32, head_dim=16, text_dim=32,
             num_res_blocks=1, attn_res=4)
@@ -142,6 +142,20 @@ def test_image_pretrain_trains_on_frames():
     m.net = lambda z, *a: seen.append(z.shape) or real(z, *a)
     m(torch.rand(2, 4, 3, 4, 4), torch.randint(20, (2, 4)))
     assert seen == [(6, 4, 1, 4, 4)]  # 2 clips x 3 frames, each an image
+
+
+def test_frame_norm_is_group_norm_of_each_frame_in_either_memory_format():
+    norm = FrameNorm(64)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 64, 3, 4, 4) * 3 + 1
+    ref = torch.nn.GroupNorm(32, 64)
+    ref.load_state_dict(norm.state_dict())
+    frames = torch.stack([ref(x[:, :, i]) for i in range(3)], 2)  # (B, C, T, H, W): each frame an image
+    with torch.no_grad():
+        assert torch.allclose(norm(x), frames, atol=1e-5)
+        assert torch.allclose(norm(x.to(memory_format=torch.channels_last_3d)), frames, atol=1e-5)
+        assert norm(x.bfloat16()).dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------------------------
