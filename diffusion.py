@@ -7,7 +7,9 @@ self-attention over each frame's positions, cross-attention to the text, then at
 position whose output projection starts at zero. So at initialisation the video network is the image network
 applied frame by frame, and an image (a 4-D (B, C, H, W) batch, or one frame) skips every temporal layer:
 Make-A-Video's recipe of training on images first and fine-tuning on clips is two train.py runs
-(--image_pretrain, then --init_from).
+(--image_pretrain, then --init_from). In pixels the low levels also halve the frames (time_down, SpaceTimeUnet's
+temporal compression): a strided convolution over time that starts as keeping every other frame, and frames
+repeated on the way up; there the video network starts as the image network on those frames.
 
 Noise: continuous time t in [0, 1], a cosine log-SNR schedule, z_t = alpha_t x + sigma_t eps with
 alpha^2 + sigma^2 = 1, and the network predicts v = alpha eps - sigma x (v-prediction). The text goes through a
@@ -109,6 +111,23 @@ class PseudoConv3d(nn.Module):
         return x if x.shape[2] == 1 else self.time(x)
 
 
+class Downsample(nn.Module):
+    """Halve H and W with a strided 3x3 convolution, then T with a strided 3-tap convolution over time that starts
+    as keeping every other frame (T -> ceil(T / 2)); images keep their one frame. SpaceTimeUnet's temporal
+    compression: the low levels of a UNet of clips run on fewer frames."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.space = space_conv(c, c, stride=2)
+        self.time = nn.Conv3d(c, c, (3, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0))
+        nn.init.dirac_(self.time.weight)
+        nn.init.zeros_(self.time.bias)
+
+    def forward(self, x):  # (B, C, T, H, W) -> (B, C, ceil(T / 2), H / 2, W / 2)
+        x = self.space(x)
+        return x if x.shape[2] == 1 else self.time(x)
+
+
 class ResBlock(nn.Module):
     """norm, SiLU, pseudo-3D conv, norm scaled and shifted by the time (and pooled text) embedding, SiLU, pseudo-3D
     conv whose spatial part starts at zero: a block starts as its skip connection."""
@@ -186,6 +205,9 @@ class DiffusionConfig:
     ch_mult: tuple = ()  # width of each level as a multiple of channels; each level after the first halves H, W
     #                      (empty: by space, (1, 2) for 8x8 latents, (1, 2, 4, 4) for 32x32 pixels)
     num_res_blocks: int = 1  # residual blocks per level (the way up has one more)
+    time_down: int = -1  # the last this many downsamplings also halve the frames (SpaceTimeUnet's temporal
+    #                      compression: 1.45x faster pixel steps, RESULTS.md); -1: by space, all of them for
+    #                      pixels, none for latents (5 frames); 0: every level sees all frames
     attn_res: int = 8  # spatial, text and temporal attention at the levels this size or smaller
     head_dim: int = 32  # attention head width
     text_dim: int = 128  # width of the text transformer
@@ -208,6 +230,7 @@ class DiffusionConfig:
         latent = self.space == 'latent'
         self.channels = self.channels or (64 if latent else 32)
         self.ch_mult = tuple(self.ch_mult) or ((1, 2) if latent else (1, 2, 4, 4))
+        self.time_down = (0 if latent else len(self.ch_mult) - 1) if self.time_down == -1 else self.time_down
 
     @property
     def reads(self) -> str:
@@ -230,6 +253,9 @@ class Diffusion(nn.Module):
         if c.grid[1] % down or c.grid[2] % down:
             raise ValueError(f'the {c.grid[1]}x{c.grid[2]} {c.space} clips must divide by {down} for the '
                              f'{len(c.ch_mult)} levels of ch_mult {c.ch_mult}')
+        if not 0 <= c.time_down < len(c.ch_mult):
+            raise ValueError(f'time_down counts downsamplings that halve the frames: 0 to {len(c.ch_mult) - 1} '
+                             f'for the {len(c.ch_mult)} levels of ch_mult {c.ch_mult}, got {c.time_down}')
         widths = [c.channels * m for m in c.ch_mult]
         if any(w % c.head_dim for w in widths) or c.text_dim % c.head_dim:
             raise ValueError(f'the level widths {widths} and text_dim {c.text_dim} must divide by head_dim '
@@ -257,7 +283,8 @@ class Diffusion(nn.Module):
                 ch = w
                 skips.append(ch)
             if i < len(widths) - 1:
-                self.down.append(space_conv(ch, ch, stride=2))
+                time = i >= len(widths) - 1 - c.time_down
+                self.down.append(Downsample(ch) if time else space_conv(ch, ch, stride=2))
                 skips.append(ch)
                 res //= 2
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb, c.dropout), SpaceTimeAttention(ch, ch // c.head_dim,
@@ -284,7 +311,7 @@ class Diffusion(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt: dict, use_ema: bool = True) -> 'Diffusion':
         """The model a train.py checkpoint holds, with its EMA weights where the run kept them."""
-        model = cls(DiffusionConfig(**ckpt['config']))
+        model = cls(DiffusionConfig(**{'time_down': 0, **ckpt['config']}))  # checkpoints before time_down had none
         model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model'])
         return model
 
@@ -327,12 +354,15 @@ class Diffusion(nn.Module):
         h = self.conv_in(torch.cat([z, known * mask, mask.expand(B, 1, T, H, W)], 1))
         hs = [h]
         for layer in self.down:
-            h = layer(h) if isinstance(layer, nn.Conv3d) else self.run_layer(layer, h, emb, tokens)
+            h = layer(h) if isinstance(layer, (nn.Conv3d, Downsample)) else self.run_layer(layer, h, emb, tokens)
             hs.append(h)
         h = self.run_layer(self.mid, h, emb, tokens)
         for layer in self.up:
-            h = layer(h) if isinstance(layer, nn.Sequential) else self.run_layer(layer, torch.cat([h, hs.pop()], 1),
-                                                                                  emb, tokens)
+            if isinstance(layer, nn.Sequential):  # up a level; frames repeated back to the skip's where time_down
+                frames = hs[-1].shape[2]          # halved them
+                h = layer(h if h.shape[2] == frames else h.repeat_interleave(2, 2)[:, :, :frames])
+            else:
+                h = self.run_layer(layer, torch.cat([h, hs.pop()], 1), emb, tokens)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     @staticmethod

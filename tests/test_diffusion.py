@@ -10,7 +10,7 @@ import eval as eval_script
 import prepare_data
 import sample
 import train
-from diffusion import Diffusion, DiffusionConfig, FrameNorm, alpha_sigma, logsnr_of
+from diffusion import Diffusion, DiffusionConfig, Downsample, FrameNorm, alpha_sigma, logsnr_of
 
 TINY = dict(in_channels=4, grid=(3, 4, 4), text_vocab=20, text_len=4, channels=32, head_dim=16, text_dim=32,
             num_res_blocks=1, attn_res=4)
@@ -156,6 +156,35 @@ def test_frame_norm_is_group_norm_of_each_frame_in_either_memory_format():
         assert torch.allclose(norm(x), frames, atol=1e-5)
         assert torch.allclose(norm(x.to(memory_format=torch.channels_last_3d)), frames, atol=1e-5)
         assert norm(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize('T', [1, 2, 5, 8])
+def test_time_down_halves_the_frames_of_the_low_levels_and_gives_every_frame_back(T):
+    m = model(time_down=1, grid=(T, 4, 4))
+    randomize_zero_inits(m)
+    seen = []
+    m.mid[0].register_forward_hook(lambda mod, args, out: seen.append(out.shape[2]))
+    z, t, text, known, mask = inputs(m, T=T)
+    with torch.no_grad():
+        v = m.net(z, t, text, known, mask)
+        assert v.shape == z.shape and seen == [(T + 1) // 2]  # the 2x2 level sees ceil(T / 2) frames
+        down = m.down[1]  # at init: the strided spatial convolution, then every other frame
+        assert isinstance(down, Downsample) and torch.allclose(down(z[:, :1].expand(2, 32, T, 4, 4).contiguous()),
+                                                                down.space(z[:, :1].expand(2, 32, T, 4, 4))[:, :, ::2])
+        other = z.clone()
+        other[1] = -other[1]  # another second video: the first one's prediction does not change
+        assert torch.allclose(m.net(other, t, text, known, mask)[0], v[0], atol=1e-5)
+    assert model(space='pixel', in_channels=3, grid=(T, 16, 16), ch_mult=(1, 2, 2)).config.time_down == 2
+    assert model().config.time_down == 0  # latents: every level sees all 5 frames
+    with pytest.raises(ValueError, match='time_down counts downsamplings'):
+        model(time_down=2)
+
+
+def test_checkpoints_before_time_down_load_without_it():
+    m = model(space='pixel', in_channels=3, grid=(3, 8, 8), ch_mult=(1, 2), time_down=0)
+    config = {k: v for k, v in m.config.__dict__.items() if k != 'time_down'}
+    old = Diffusion.from_checkpoint({'config': config, 'model': m.state_dict()})
+    assert old.config.time_down == 0 and not any(isinstance(l, Downsample) for l in old.down)
 
 
 # ---------------------------------------------------------------------------------------------------------------
