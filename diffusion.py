@@ -255,7 +255,8 @@ class Diffusion(nn.Module):
                              f'{len(c.ch_mult)} levels of ch_mult {c.ch_mult}')
         if not 0 <= c.time_down < len(c.ch_mult):
             raise ValueError(f'time_down counts downsamplings that halve the frames: 0 to {len(c.ch_mult) - 1} '
-                             f'for the {len(c.ch_mult)} levels of ch_mult {c.ch_mult}, got {c.time_down}')
+                             f'for the {len(c.ch_mult)} levels of ch_mult {c.ch_mult}, or -1 (by space); got '
+                             f'{c.time_down}')
         widths = [c.channels * m for m in c.ch_mult]
         if any(w % c.head_dim for w in widths) or c.text_dim % c.head_dim:
             raise ValueError(f'the level widths {widths} and text_dim {c.text_dim} must divide by head_dim '

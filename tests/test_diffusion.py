@@ -176,8 +176,9 @@ def test_time_down_halves_the_frames_of_the_low_levels_and_gives_every_frame_bac
         assert torch.allclose(m.net(other, t, text, known, mask)[0], v[0], atol=1e-5)
     assert model(space='pixel', in_channels=3, grid=(T, 16, 16), ch_mult=(1, 2, 2)).config.time_down == 2
     assert model().config.time_down == 0  # latents: every level sees all 5 frames
-    with pytest.raises(ValueError, match='time_down counts downsamplings'):
-        model(time_down=2)
+    for bad in (2, -2):
+        with pytest.raises(ValueError, match=r'time_down counts downsamplings.*or -1 \(by space\)'):
+            model(time_down=bad)
 
 
 def test_checkpoints_before_time_down_load_without_it():
