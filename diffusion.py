@@ -215,7 +215,8 @@ class DiffusionConfig:
     dropout: float = 0.0  # in the residual blocks
     cfg_drop: float = 0.1  # probability of training on the unconditional prompt (for guidance)
     cond_prob: float = 0.3  # share of training clips with given frames (first 1, first k, or first and last)
-    image_pretrain: bool = False  # train on the clips' single frames as images (Make-A-Video's first stage)
+    image_pretrain: bool = False  # train on one random frame of each clip, as an image (Make-A-Video's first
+    #                               stage; a batch is batch_size images, so raise it)
     # the training recipe (train.py's defaults; a resumed run may change lr, batch_size, max_iters, ema)
     resolution: int = 32  # the clips' square size, which must be the tokenizer's for latents (0 = the data's)
     optimizer: str = 'adamw'  # adamw (the only choice)
@@ -395,10 +396,10 @@ class Diffusion(nn.Module):
         c = self.config
         if x.ndim == 4:
             x = x.unsqueeze(2)  # (B, C, 1, H, W): an image is a one-frame video
-        if c.image_pretrain and x.shape[2] > 1:  # the frames as a batch of images, each with its clip's caption
-            B, C, T, H, W = x.shape
-            x = x.transpose(1, 2).reshape(B * T, C, 1, H, W)  # (B*T, C, 1, H, W)
-            text = text.repeat_interleave(T, 0)
+        if c.image_pretrain and x.shape[2] > 1:  # one random frame of each clip, as an image with the clip's
+            B, T = x.shape[0], x.shape[2]         # caption (all 17 frames of fewer clips drew worse: RESULTS.md)
+            frame = torch.randint(T, (B,), device=x.device)
+            x = x[torch.arange(B, device=x.device), :, frame].unsqueeze(2)  # (B, C, 1, H, W)
         B, C, T, H, W = x.shape
         x0 = x.float() * self.scale
         if self.training:  # the unconditional prompt with probability cfg_drop, for guidance

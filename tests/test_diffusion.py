@@ -135,13 +135,22 @@ def test_bad_configs():
         Diffusion(DiffusionConfig(**{**TINY, 'grid': (3, 5, 5)}))
 
 
-def test_image_pretrain_trains_on_frames():
+def test_image_pretrain_trains_on_one_frame_of_each_clip():
     m = model(image_pretrain=True).train()
     seen = []
     real = m.net
-    m.net = lambda z, *a: seen.append(z.shape) or real(z, *a)
-    m(torch.rand(2, 4, 3, 4, 4), torch.randint(20, (2, 4)))
-    assert seen == [(6, 4, 1, 4, 4)]  # 2 clips x 3 frames, each an image
+    m.net = lambda z, t, text, known, mask: seen.append((z.shape, known, mask)) or real(z, t, text, known, mask)
+    x = (torch.arange(3).view(1, 1, 3, 1, 1) + torch.tensor([0, 10]).view(2, 1, 1, 1, 1)).expand(2, 4, 3, 4, 4)
+    frames = set()
+    for _ in range(20):
+        m(x.float(), torch.randint(20, (2, 4)))
+        shape, known, mask = seen.pop()
+        assert shape == (2, 4, 1, 4, 4) and not mask.any()  # 2 clips, one image each, nothing given
+        assert torch.all(known == known[:, :, :, :1, :1])  # each image one frame (known is the clean image)
+        frame = known[:, 0, 0, 0, 0] - torch.tensor([0, 10])
+        assert all(f in (0, 1, 2) for f in frame.tolist())  # from its own clip
+        frames.update(frame.tolist())
+    assert frames == {0, 1, 2}  # a random frame each time
 
 
 def test_frame_norm_is_group_norm_of_each_frame_in_either_memory_format():
