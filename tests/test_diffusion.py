@@ -10,7 +10,7 @@ import eval as eval_script
 import prepare_data
 import sample
 import train
-from diffusion import Diffusion, DiffusionConfig, Downsample, FrameNorm, alpha_sigma, logsnr_of
+from diffusion import PIXEL_SHIFT, Diffusion, DiffusionConfig, Downsample, FrameNorm, alpha_sigma, logsnr_of, shift_times
 
 TINY = dict(in_channels=4, grid=(3, 4, 4), text_vocab=20, text_len=4, channels=32, head_dim=16, text_dim=32,
             num_res_blocks=1, attn_res=4)
@@ -69,6 +69,28 @@ def test_schedule():
     assert torch.allclose(a ** 2 + s ** 2, torch.ones(101), atol=1e-6)
     assert abs(lam[0] - 15) < 1e-3 and abs(lam[-1] + 15) < 1e-3 and (lam[1:] < lam[:-1]).all()
     assert abs(lam[50]) < 1e-4  # the cosine schedule: half signal, half noise at t = 0.5
+    assert torch.equal(shift_times(t, 0.0), t)
+    for shift in (-3.0, 2.0):  # the shifted schedule: log-SNR moved by shift, clipped to the schedule's ends
+        u = shift_times(t, shift)
+        inside = (lam + shift).abs() < 14.9
+        assert torch.allclose(logsnr_of(u)[inside], lam[inside] + shift, atol=1e-3) and (u[1:] >= u[:-1]).all()
+        assert (u[-1] == 1 and 0 < u[0] < 0.01) if shift < 0 else (u[0] == 0 and 0.99 < u[-1] < 1)
+
+
+def test_noise_shift_moves_the_training_times_to_more_noise_and_is_kept_in_checkpoints():
+    pixel = model(space='pixel', in_channels=3, grid=(3, 8, 8), ch_mult=(1, 2))
+    assert model().config.noise_shift == 0 and pixel.config.noise_shift == PIXEL_SHIFT
+    m = model(noise_shift=-3.0).train()
+    seen = []
+    m.net = lambda z, t, *rest: seen.append(t) or torch.zeros_like(z)
+    x, text = torch.rand(64, 4, 3, 4, 4) * 2 - 1, torch.randint(20, (64, 4))
+    m(x, text)
+    assert abs(logsnr_of(torch.cat(seen)).median() + 3) < 0.3  # half the clips noisier than log-SNR -3, not 0
+    seen.clear()
+    m(x[:, :, 0], text)  # images keep the cosine schedule
+    assert abs(logsnr_of(torch.cat(seen)).median()) < 0.3
+    config = {k: v for k, v in pixel.config.__dict__.items() if k != 'noise_shift'}
+    assert Diffusion.from_checkpoint({'config': config, 'model': pixel.state_dict()}).config.noise_shift == 0
 
 
 def oracle(m, x0):
@@ -92,9 +114,10 @@ def test_v_loss_is_zero_for_the_exact_target_and_its_gradient_flows():
     assert m(x, text)[1] < 1e-8
 
 
-@pytest.mark.parametrize('sampler, steps', [('ddim', 1), ('ddim', 5), ('dpm', 1), ('dpm', 6)])
-def test_samplers_land_on_the_clean_clip_of_an_exact_network(sampler, steps):
-    m = model()
+@pytest.mark.parametrize('sampler, steps, shift', [('ddim', 1, 0.0), ('ddim', 5, 0.0), ('dpm', 1, 0.0), ('dpm', 6, 0.0),
+                                                 ('ddim', 5, -3.0), ('dpm', 6, -3.0)])
+def test_samplers_land_on_the_clean_clip_of_an_exact_network(sampler, steps, shift):
+    m = model(noise_shift=shift)
     x0 = (torch.rand(2, 4, 3, 4, 4) * 2 - 1) * 0.9
     m.net = oracle(m, x0)
     out = m.sample(torch.zeros(2, 4, dtype=torch.long), generator=torch.Generator().manual_seed(0), sampler=sampler,
