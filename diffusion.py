@@ -13,8 +13,8 @@ repeated on the way up; there the video network starts as the image network on t
 
 Noise: continuous time t in [0, 1], a cosine log-SNR schedule, z_t = alpha_t x + sigma_t eps with
 alpha^2 + sigma^2 = 1, and the network predicts v = alpha eps - sigma x (v-prediction). Clips of pixels train and
-sample at more noise (noise_shift, simple diffusion's shifted schedule): 17 frames of 32x32 pixels still show an
-object through noise that hides it in one frame or in a latent clip. The text goes through a
+sample at more noise (noise_shift, simple diffusion's shifted schedule for inputs of many values; images keep the
+plain one). The text goes through a
 small transformer trained with the model, read by cross-attention and, pooled, added to the time embedding; it is
 dropped with probability cfg_drop in training for classifier-free guidance.
 
@@ -222,9 +222,8 @@ class DiffusionConfig:
     time_down: int = -1  # the last this many downsamplings also halve the frames (SpaceTimeUnet's temporal
     #                      compression: 1.45x faster pixel steps, RESULTS.md); -1: by space, all of them for
     #                      pixels, none for latents (5 frames); 0: every level sees all frames
-    noise_shift: float = math.nan  # log-SNR shift of the noise schedule (simple diffusion's): < 0 trains and samples
-    #                              at more noise, where the text must decide what the clip shows; nan: by space, 0 for
-    #                              latents, PIXEL_SHIFT for pixels
+    noise_shift: float = math.nan  # log-SNR shift of the clips' noise schedule (simple diffusion's): < 0 trains and
+    #                              samples at more noise; nan: by space, 0 for latents, -3 for pixels (PIXEL_SHIFT)
     attn_res: int = 8  # spatial, text and temporal attention at the levels this size or smaller
     head_dim: int = 32  # attention head width
     text_dim: int = 128  # width of the text transformer
