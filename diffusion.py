@@ -14,9 +14,9 @@ repeated on the way up; there the video network starts as the image network on t
 Noise: continuous time t in [0, 1], a cosine log-SNR schedule, z_t = alpha_t x + sigma_t eps with
 alpha^2 + sigma^2 = 1, and the network predicts v = alpha eps - sigma x (v-prediction). Clips of pixels train and
 sample at more noise (noise_shift, simple diffusion's shifted schedule for inputs of many values; images keep the
-plain one). The text goes through a
-small transformer trained with the model, read by cross-attention and, pooled, added to the time embedding; it is
-dropped with probability cfg_drop in training for classifier-free guidance.
+plain one). The text goes through a small transformer trained with the model, read by cross-attention and,
+pooled, added to the time embedding; it is dropped with probability cfg_drop in training for classifier-free
+guidance.
 
 Masked-frame conditioning (FDM, Make-A-Video's interpolation): the network also reads a per-frame mask and the
 known frames. Training mixes plain text to video with given first frames (image to video, continuation) and given
@@ -50,12 +50,13 @@ import torch.nn.functional as F
 SAMPLING = dict(sampler='dpm', steps=16, cfg=3.0, eta=0.0)  # chosen by caption accuracy on shapes (RESULTS.md)
 PIXEL_SHIFT = -3.0  # log-SNR shift of pixel clips: invalid videos 40 -> 12 % at equal steps (RESULTS.md)
 LOGSNR_MIN, LOGSNR_MAX = -15.0, 15.0  # the schedule's ends: t = 1 is pure noise to float precision, t = 0 clean
+ANGLES = math.atan(math.exp(-0.5 * LOGSNR_MAX)), math.atan(math.exp(-0.5 * LOGSNR_MIN))  # atan(sigma / alpha) there
 
 
 def logsnr_of(t):
     """The cosine schedule as log-SNR, t in [0, 1] -> [LOGSNR_MAX, LOGSNR_MIN] (alpha = cos, sigma = sin of an
     angle that grows linearly with t, clipped at the ends)."""
-    lo, hi = math.atan(math.exp(-0.5 * LOGSNR_MAX)), math.atan(math.exp(-0.5 * LOGSNR_MIN))
+    lo, hi = ANGLES
     return -2 * torch.log(torch.tan(lo + t * (hi - lo)))
 
 
@@ -65,7 +66,7 @@ def shift_times(t, shift: float):
     them at more noise, and the network's time input keeps its meaning for any shift."""
     if shift == 0:
         return t
-    lo, hi = math.atan(math.exp(-0.5 * LOGSNR_MAX)), math.atan(math.exp(-0.5 * LOGSNR_MIN))
+    lo, hi = ANGLES
     angle = torch.atan(torch.tan(lo + t * (hi - lo)) * math.exp(-0.5 * shift)).clamp(lo, hi)
     return (angle - lo) / (hi - lo)
 
