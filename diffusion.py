@@ -502,9 +502,9 @@ class Diffusion(nn.Module):
 
     @staticmethod
     def solve(denoise, z, s: dict, generator=None, shift: float = 0.0):
-        """Integrate from t = 1 (z is noise) to t = 0 in s['steps'] uniform steps of time with DDIM (eta: the
-        share of fresh noise, 0 = deterministic) or DPM-Solver++(2M) (second order, in the data prediction), and
-        return the data prediction of the last step."""
+        """Integrate from t = 1 (z is noise) to t = 0 in s['steps'] steps, uniform in time before the shift's warp
+        (shift_times), with DDIM (eta: the share of fresh noise, 0 = deterministic) or DPM-Solver++(2M) (second
+        order, in the data prediction), and return the data prediction of the last step."""
         ts = shift_times(torch.linspace(1, 0, s['steps'] + 1), shift)
         prev = None  # DPM-Solver++: the last step's data prediction and its log-SNR step
         for i in range(s['steps']):

@@ -10,7 +10,8 @@ import eval as eval_script
 import prepare_data
 import sample
 import train
-from diffusion import PIXEL_SHIFT, Diffusion, DiffusionConfig, Downsample, FrameNorm, alpha_sigma, logsnr_of, shift_times
+from diffusion import (PIXEL_SHIFT, Diffusion, DiffusionConfig, Downsample, FrameNorm, alpha_sigma, logsnr_of,
+                       shift_times)
 
 TINY = dict(in_channels=4, grid=(3, 4, 4), text_vocab=20, text_len=4, channels=32, head_dim=16, text_dim=32,
             num_res_blocks=1, attn_res=4)
