@@ -282,6 +282,9 @@ class Diffusion(nn.Module):
                              f'{c.head_dim}')
         if not 0 <= c.cond_prob <= 1 or not 0 <= c.cfg_drop <= 1:
             raise ValueError('cond_prob and cfg_drop are probabilities: between 0 and 1')
+        if not math.isfinite(c.noise_shift):
+            raise ValueError(f'noise_shift is a log-SNR shift, a finite number such as -3 (or nan: by space), got '
+                             f'{c.noise_shift}')
         if c.optimizer != 'adamw':
             raise ValueError(f"diffusion trains with optimizer 'adamw', got {c.optimizer!r}")
         self.config = c

@@ -157,6 +157,8 @@ def test_bad_configs():
         Diffusion(DiffusionConfig(**{**TINY, 'space': 'pixels'}))
     with pytest.raises(ValueError, match='must divide by 2'):
         Diffusion(DiffusionConfig(**{**TINY, 'grid': (3, 5, 5)}))
+    with pytest.raises(ValueError, match='noise_shift is a log-SNR shift'):
+        Diffusion(DiffusionConfig(**{**TINY, 'noise_shift': float('inf')}))
 
 
 def test_image_pretrain_trains_on_one_frame_of_each_clip():
