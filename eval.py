@@ -18,7 +18,8 @@ for the combinations its training data held out, and the seconds per video; --ph
 prompts in phrasings no training caption uses, and reports each apart (phrasing_1 ... in the order of
 prepare_data.HELD_OUT_PHRASINGS). --story measures two-prompt stories. With --given, a generator is
 given the first frame (first) or the first and last frames (ends, diffusion only) of --n validation clips with
-their captions: the PSNR of the given frames as they come back, the caption accuracy of the videos, and for ends
+their captions: the PSNR of the given frames as they come back (put back as given, as sample.py does) and of
+the first one as the model's own decoder makes it, the caption accuracy of the videos, and for ends
 the PSNR of the frames between against the real clip and against a linear cross-fade of the two given frames.
 """
 import argparse
@@ -263,7 +264,7 @@ def eval_given(model, tok, ckpt: dict, args, settings: dict) -> dict:
     val = prepare_data.load_split(args.data, 'val')
     res, n = ckpt['data_key']['resolution'], min(args.n, len(val['clips']))
     ft = sample.time_factor(tok)
-    given_psnr, mid, fade, videos, prompts, t0 = [], [], [], [], [], time.time()
+    given_psnr, decoded_psnr, mid, fade, videos, prompts, t0 = [], [], [], [], [], [], time.time()
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     for i in range(0, n, args.batch_size):
         idx = np.arange(i, min(n, i + args.batch_size))
@@ -273,9 +274,11 @@ def eval_given(model, tok, ckpt: dict, args, settings: dict) -> dict:
             z = train.from_clips(model.reads, tok, x)  # (B, t, h, w) codes, or (B, C, t, h, w)
             first = z[..., :1, :, :]
             kw = dict(last=z[..., -1:, :, :]) if args.given == 'ends' else {}
-            made = train.to_clips(model.reads, tok, model.sample(ids, x=first, generator=g, **kw, **settings)).float()
+            decoded = train.to_clips(model.reads, tok, model.sample(ids, x=first, generator=g, **kw, **settings))
+        made = sample.put_back(decoded.float(), x[:, :, :1], x[:, :, -1:] if args.given == 'ends' else None)
         a, b = (x + 1) / 2, (made + 1) / 2
         given_psnr += psnr(a[:, :, :1], b[:, :, :1]).tolist()
+        decoded_psnr += psnr(a[:, :, :1], (decoded[:, :, :1].float() + 1) / 2).tolist()
         if args.given == 'ends':
             T = x.shape[2]
             between = slice(1, T - ft)  # the frames that the first and last latent frames do not hold
@@ -286,7 +289,8 @@ def eval_given(model, tok, ckpt: dict, args, settings: dict) -> dict:
             fade += psnr(a[:, :, between], crossfade[:, :, between]).tolist()
         videos.append(prepare_data.to_uint8(made))
         prompts += [val['captions'][j] for j in idx]
-    out = dict(given=args.given, clips=n, given_frames_psnr=float(np.mean(given_psnr)))
+    out = dict(given=args.given, clips=n, given_frames_psnr=float(np.mean(given_psnr)),
+               decoded_first_frame_psnr=float(np.mean(decoded_psnr)))  # before sample.put_back: the seam
     if args.given == 'ends':
         out.update(between_psnr=float(np.mean(mid)), crossfade_psnr=float(np.mean(fade)))
     if val['meta']['dataset'] == 'shapes':

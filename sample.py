@@ -180,11 +180,12 @@ def part_frames(ends: list[int], ft: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def sample_long(model, tok, ids_per_part: list[torch.Tensor], ends: list[int], context: int, x=None, generator=None,
-                turn_context: int = 1, centre: bool = False, **settings) -> torch.Tensor:
+def sample_long(model, tok, ids_per_part: list[torch.Tensor], ends: list[int], context: int, first=None,
+                generator=None, turn_context: int = 1, centre: bool = False, **settings) -> torch.Tensor:
     """Clips (B, 3, T, H, W) in [-1, 1] of ends[-1] latent frames (T = 1 + ft * (ends[-1] - 1)). Part k of a
     story (one prompt's ids) makes latent frames up to ends[k]. The first window starts from scratch (or from the
-    given first latent frames x); each next window keeps the last `context` latent frames and adds the rest. A
+    given first frames `first`, clips (B, 3, 1 + ft * j, H, W) in [-1, 1], which come back exactly); each next
+    window keeps the last `context` latent frames and adds the rest. A
     part's first window keeps only `turn_context` and tells the model its prompt is new: the new prompt then
     steers the motion while the object stays where it was. The kept frames go through the tokenizer again, so a
     window starts as the model trained: its first latent frame is one frame alone, not ft. centre (for data
@@ -196,7 +197,9 @@ def sample_long(model, tok, ids_per_part: list[torch.Tensor], ends: list[int], c
         turn = last is not None and not torch.equal(ids, last)
         while n < end:
             if video is None:
-                video = train.to_clips(model.reads, tok, model.sample(ids, x=x, generator=generator, **settings))
+                x = None if first is None else train.from_clips(model.reads, tok, first)
+                video = put_back(train.to_clips(model.reads, tok, model.sample(ids, x=x, generator=generator,
+                                                                               **settings)), first)
                 n = 1 + (video.shape[2] - 1) // ft
                 continue
             keep = min(turn_context if turn else context, n)
@@ -208,6 +211,19 @@ def sample_long(model, tok, ids_per_part: list[torch.Tensor], ends: list[int], c
             video, n, turn = torch.cat([video, clips[:, :, kept.shape[2]:]], 2), n + window.shape[-3] - keep, False
         n, last = end, ids
         video = video[:, :, :1 + ft * (end - 1)]
+    return video
+
+
+def put_back(video: torch.Tensor, first=None, last=None) -> torch.Tensor:
+    """The video (B, 3, T, H, W) with the given first and last frames (clips (B, 3, t, H, W)) exactly as given: a
+    model keeps them in its own space, where a tokenizer's decoder only approximates them (about 31 dB)."""
+    if first is None and last is None:
+        return video
+    video = video.clone()
+    if first is not None:
+        video[:, :, :first.shape[2]] = first.to(video.dtype)
+    if last is not None:
+        video[:, :, video.shape[2] - last.shape[2]:] = last.to(video.dtype)
     return video
 
 
@@ -342,10 +358,11 @@ def run(args):
     if not has_text and 'cfg' in settings:
         settings['cfg'] = 1.0  # no text to guide by: one pass instead of two identical ones
     x = None
-    if args.image:  # image to video: the image's codes (latents, pixels) are the first latent frame, kept
+    if args.image:  # image to video: the image is the first frame (its codes, latents or pixels the first latent
+        #             frame, kept), and comes back exactly
         img = np.asarray(iio.imread(args.image))[None, ..., :3]
         img = prepare_data.resize_crop(img, ckpt['data_key']['resolution'])  # (1, res, res, 3)
-        x = train.from_clips(model.reads, tok, prepare_data.to_model(img[None]).to(args.device))  # one frame
+        x = prepare_data.to_model(img[None]).to(args.device)  # (1, 3, 1, res, res)
     centre = wraps(meta) and not args.no_centre
     record = dict(settings, frames=frames, context=context, turn_context=args.turn_context,
                   centre=centre, ckpt=args.ckpt, image=args.image, dtype=args.dtype,

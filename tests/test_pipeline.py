@@ -201,6 +201,22 @@ def test_a_window_continues_from_its_kept_frames_encoded_again():
     assert m.given[0] is None and torch.equal(m.given[1], tok.encode(video[:, :, ft:2 * ft + 1]))
 
 
+def test_given_first_frames_are_encoded_for_the_model_and_come_back_exactly():
+    tok = tokenizer.Tokenizer(tokenizer.TokenizerConfig(resolution=16, channels=8, levels=(2, 2))).eval()
+    ft, m = tok.config.factors[0], CodesRecorder(tok, 3)
+    image = torch.rand(2, 3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    video = sample.sample_long(m, tok, [torch.zeros(2, 4, dtype=torch.long)], [3], context=2, first=image,
+                               generator=torch.Generator().manual_seed(0))
+    decoded = tok.decode(m.made[0])
+    assert torch.equal(m.given[0], tok.encode(image)) and len(m.given) == 1
+    assert torch.equal(video[:, :, :1], image) and torch.equal(video[:, :, 1:], decoded[:, :, 1:])
+    assert (decoded[:, :, :1] - image).abs().max() > 0.1  # the decoder alone would not give it back
+    last = torch.zeros(2, 3, 2, 16, 16)
+    both = sample.put_back(decoded, image, last)
+    assert torch.equal(both[:, :, :1], image) and torch.equal(both[:, :, -2:], last)
+    assert torch.equal(both[:, :, 1:-2], decoded[:, :, 1:-2]) and not torch.equal(decoded[:, :, :1], image)
+
+
 def square(y: int, x: int, size: int = 16) -> torch.Tensor:
     """A frame (3, size, size) in [-1, 1]: black, with a white 5x5 square from (y, x), wrapping round the edges."""
     f = -torch.ones(3, size, size)
