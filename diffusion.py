@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SAMPLING = dict(sampler='dpm', steps=16, cfg=3.0, eta=0.0)  # chosen by caption accuracy on shapes (RESULTS.md)
+SAMPLING = dict(sampler='dpm', steps=16, cfg=4.0, eta=0.0)  # chosen by caption accuracy on shapes (RESULTS.md)
 PIXEL_SHIFT = -3.0  # log-SNR shift of pixel clips: invalid videos 40 -> 12 % at equal steps (RESULTS.md)
 LOGSNR_MIN, LOGSNR_MAX = -15.0, 15.0  # the schedule's ends: t = 1 is pure noise to float precision, t = 0 clean
 ANGLES = math.atan(math.exp(-0.5 * LOGSNR_MAX)), math.atan(math.exp(-0.5 * LOGSNR_MIN))  # atan(sigma / alpha) there
