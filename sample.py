@@ -185,8 +185,8 @@ def sample_long(model, tok, ids_per_part: list[torch.Tensor], ends: list[int], c
     """Clips (B, 3, T, H, W) in [-1, 1] of ends[-1] latent frames (T = 1 + ft * (ends[-1] - 1)). Part k of a
     story (one prompt's ids) makes latent frames up to ends[k]. The first window starts from scratch (or from the
     given first frames `first`, clips (B, 3, 1 + ft * j, H, W) in [-1, 1], which come back exactly); each next
-    window keeps the last `context` latent frames and adds the rest. A
-    part's first window keeps only `turn_context` and tells the model its prompt is new: the new prompt then
+    window keeps the last `context` latent frames and adds the rest. A part's first window keeps only
+    `turn_context` and tells the model its prompt is new: the new prompt then
     steers the motion while the object stays where it was. The kept frames go through the tokenizer again, so a
     window starts as the model trained: its first latent frame is one frame alone, not ft. centre (for data
     whose canvas wraps round, prepare_data.py --wrap): each window runs on the canvas rolled to put the kept
@@ -357,12 +357,12 @@ def run(args):
             check_prompt(part, meta)
     if not has_text and 'cfg' in settings:
         settings['cfg'] = 1.0  # no text to guide by: one pass instead of two identical ones
-    x = None
+    first = None
     if args.image:  # image to video: the image is the first frame (its codes, latents or pixels the first latent
         #             frame, kept), and comes back exactly
         img = np.asarray(iio.imread(args.image))[None, ..., :3]
         img = prepare_data.resize_crop(img, ckpt['data_key']['resolution'])  # (1, res, res, 3)
-        x = prepare_data.to_model(img[None]).to(args.device)  # (1, 3, 1, res, res)
+        first = prepare_data.to_model(img[None]).to(args.device)  # (1, 3, 1, res, res)
     centre = wraps(meta) and not args.no_centre
     record = dict(settings, frames=frames, context=context, turn_context=args.turn_context,
                   centre=centre, ckpt=args.ckpt, image=args.image, dtype=args.dtype,
@@ -376,7 +376,7 @@ def run(args):
             g = torch.Generator(device=args.device).manual_seed(args.seed + i)
             t0 = time.time()
             with train.autocast(args.device, args.dtype):
-                given = None if x is None else x.expand(args.num_samples, *x.shape[1:])
+                given = None if first is None else first.expand(args.num_samples, *first.shape[1:])
                 videos = sample_long(model, tok, ids, ends, context, given, generator=g, centre=centre,
                                      turn_context=args.turn_context, **settings)
                 videos = prepare_data.to_uint8(upsample(videos, upsamplers, g, args.sr_noise))

@@ -214,7 +214,7 @@ def test_given_first_frames_are_encoded_for_the_model_and_come_back_exactly():
     last = torch.zeros(2, 3, 2, 16, 16)
     both = sample.put_back(decoded, image, last)
     assert torch.equal(both[:, :, :1], image) and torch.equal(both[:, :, -2:], last)
-    assert torch.equal(both[:, :, 1:-2], decoded[:, :, 1:-2]) and not torch.equal(decoded[:, :, :1], image)
+    assert torch.equal(both[:, :, 1:-2], decoded[:, :, 1:-2])
 
 
 def square(y: int, x: int, size: int = 16) -> torch.Tensor:
