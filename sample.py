@@ -44,7 +44,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """The flags of SETTINGS (eval.py and bench.py take them too); a flag not given is not in args."""
     g = p.add_argument_group("sampling settings (default: the model's; a flag of the other mode is an error)",
                              argument_default=argparse.SUPPRESS)
-    g.add_argument('--cfg', type=float, help='classifier-free guidance scale, 1 = none (ar and mask: 2, diffusion: 3)')
+    g.add_argument('--cfg', type=float, help='classifier-free guidance scale, 1 = none (ar and mask: 2, diffusion: 4)')
     g.add_argument('--temperature', type=float, help='ar, mask: sampling temperature, 0 = greedy (ar: 0.4, mask: 0.3)')
     g.add_argument('--top_k', type=int, help='ar: sample among the k most likely tokens')
     g.add_argument('--top_p', type=float, help='ar: nucleus sampling mass')
