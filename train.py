@@ -233,7 +233,15 @@ def read_checkpoint(path: str, hint: str = 'train one with python train.py') -> 
 
 def load_model(ckpt: dict, device: str, use_ema: bool = True):
     """The trained model of a checkpoint dict, in eval mode on device."""
-    return MODELS[ckpt['model_type']][1].from_checkpoint(ckpt, use_ema).to(device).eval()
+    try:
+        model = MODELS[ckpt['model_type']][1].from_checkpoint(ckpt, use_ema)
+    except TypeError as e:  # a config field that this version of the model file does not know
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if not unknown:
+            raise
+        raise TrainError(f"this {ckpt['model_type']} checkpoint's config has a field this version does not know "
+                         f"({unknown[1]}): load it with the version of the code that wrote it") from None
+    return model.to(device).eval()
 
 
 def save_checkpoint(path: str, ckpt: dict) -> None:

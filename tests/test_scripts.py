@@ -37,6 +37,12 @@ def test_eval_and_bench_a_tokenizer(tmp_path, capsys):
     torch.save({'weights': torch.zeros(1)}, tmp_path / 'other.pt')
     assert eval_script.main(['--ckpt', str(tmp_path / 'other.pt')]) == 2
     assert 'holds no model this repo knows' in capsys.readouterr().err
+    ckpt = torch.load(f'{out}/ckpt.pt', weights_only=True)
+    ckpt['config']['warp_speed'] = 9
+    torch.save(ckpt, tmp_path / 'newer.pt')
+    assert eval_script.main(['--ckpt', str(tmp_path / 'newer.pt')]) == 2
+    err = capsys.readouterr().err
+    assert 'a field this version does not know (warp_speed)' in err and 'Traceback' not in err
     r = bench.main(['--channels', '8', '--batch_size', '1', '--frames', '5', '--resolution', '16', '--iters', '1',
                     '--warmup', '1', '--peak_seconds', '0.05'])
     log = capsys.readouterr().out
