@@ -78,6 +78,14 @@ def test_schedule():
         assert (u[-1] == 1 and 0 < u[0] < 0.01) if shift < 0 else (u[0] == 0 and 0.99 < u[-1] < 1)
 
 
+def test_defaults_by_space_and_given_values_kept():
+    latent, pixel = DiffusionConfig(in_channels=4, grid=(5, 8, 8)), DiffusionConfig(space='pixel')
+    assert (latent.batch_size, latent.channels, latent.ch_mult, latent.time_down) == (32, 64, (1, 2), 0)
+    assert (pixel.batch_size, pixel.channels, pixel.ch_mult, pixel.time_down) == (8, 32, (1, 2, 4, 4), 3)
+    given = DiffusionConfig(space='pixel', batch_size=4, channels=16, ch_mult=(1, 2), time_down=0)
+    assert (given.batch_size, given.channels, given.ch_mult, given.time_down) == (4, 16, (1, 2), 0)
+
+
 def test_noise_shift_moves_the_training_times_to_more_noise_and_is_kept_in_checkpoints():
     pixel = model(space='pixel', in_channels=3, grid=(3, 8, 8), ch_mult=(1, 2))
     assert model().config.noise_shift == 0 and pixel.config.noise_shift == PIXEL_SHIFT
