@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
     if args.baseline:
         torch.manual_seed(0)
         runs['baseline'] = PlainGPT(config).to(args.device)
-    times = time_steps(runs, x, ids, ctx, args)
+    times = time_steps(runs, lambda: fake_batch(model, config, args), ctx, args)
     dt, peak, B = times[args.model]['step'], measured_peak(args.dtype, args.device, args.peak_seconds), x.shape[0]
     tokens = f', {B * (ids.shape[1] + x[0].numel()) / dt:.0f} tokens/s' if model.reads == 'codes' else ''
     print(f'{args.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, batch {B} x '
@@ -202,16 +202,18 @@ def step_flops(model, x, ids, ctx) -> int:
     return fc.get_total_flops()
 
 
-def time_steps(runs: dict, x, ids, ctx, args) -> dict:
+def time_steps(runs: dict, batch, ctx, args) -> dict:
     """{name: {phase: median seconds}} of a training step of each model in runs: 'step' the whole, and its
     phases 'forward', 'backward' and each optimizer's step (by class name). The models' steps are taken in
-    turn, so that a machine that slows down or speeds up weighs on all of them alike."""
+    turn, so that a machine that slows down or speeds up weighs on all of them alike, each step on a new
+    batch() that all of them share: repeating one batch lets a model memorise it, and on Intel CPUs the
+    memorised float32 prior's backward then slowed 3x with denormal numbers (RESULTS.md)."""
     steps, times = {}, {name: [] for name in runs}
     for name, m in runs.items():
         optimizers = m.configure_optimizers(args.device.split(':')[0])
         compiled = torch.compile(m) if args.compile else m
 
-        def step(compiled=compiled, optimizers=optimizers):
+        def step(x, ids, compiled=compiled, optimizers=optimizers):
             clock = [time.perf_counter()]
             def lap():
                 synchronize(args.device)
@@ -229,9 +231,10 @@ def time_steps(runs: dict, x, ids, ctx, args) -> dict:
             return {'step': clock[-1] - clock[0], **{p: t1 - t0 for p, t0, t1 in zip(phases, clock, clock[1:])}}
         steps[name] = step
     for i in range(args.warmup + args.iters):
+        x, ids = batch()
         for name, step in steps.items():
             synchronize(args.device)
-            t = step()
+            t = step(x, ids)
             if i >= args.warmup:
                 times[name].append(t)
     return {name: {p: statistics.median(t[p] for t in ts) for p in ts[0]} for name, ts in times.items()}
