@@ -52,7 +52,8 @@ def test_rope_depends_on_the_offset_only():
 
 @pytest.mark.parametrize('causal, n_query', [(False, 9), (True, 9), (False, 1), (True, 1), (True, 5)])
 def test_bfloat16_attention_on_cpu_matches_sdpa(causal, n_query):
-    # in bfloat16 on CPU attend() is a plain matmul-softmax-matmul, not SDPA: the same values and gradients.
+    # in bfloat16 on CPU attend() is a plain matmul-softmax-matmul for several queries (SDPA for one): the same
+    # values and gradients.
     # causal with fewer queries than keys: the queries are the last positions (context rows come first)
     g = seeded()
     q = torch.randn(2, 3, n_query, 16, generator=g, requires_grad=True)
