@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import prior
 import sample
 import train
 
@@ -103,7 +104,7 @@ class PlainGPT(nn.Module):
         adamw = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=device_type == 'cuda')
         if not hidden:
             return [adamw]
-        return [adamw, torch.optim.Muon(hidden, lr=c.lr, weight_decay=c.weight_decay, adjust_lr_fn='match_rms_adamw')]
+        return [adamw, prior.Muon(hidden, lr=c.lr, weight_decay=c.weight_decay)]
 
 
 def synchronize(device: str) -> None:

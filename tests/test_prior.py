@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prior import Prior, PriorConfig, attend, rope_table, rotate
+from prior import Muon, Prior, PriorConfig, attend, rope_table, rotate
 
 TINY = dict(vocab_size=30, text_vocab=20, text_len=4, grid=(3, 2, 2), n_layer=2, n_head=2, n_embd=32)
 
@@ -296,10 +296,27 @@ def test_bad_config():
         m(codes[:, :2], text)
 
 
-def test_muon_on_a_torch_without_it_says_what_to_do(monkeypatch):
-    monkeypatch.delattr(torch.optim, 'Muon')
-    with pytest.raises(ValueError, match=r'needs torch >= 2.9.*--optimizer adamw'):
-        Prior(PriorConfig(**TINY, optimizer='muon')).configure_optimizers('cpu')
+def test_muon_takes_torch_muons_steps_in_batches():
+    # the matrices of one shape (a tall one transposed) are orthogonalised together: the same steps as
+    # torch.optim.Muon's one by one, with its scale to AdamW's size and decoupled weight decay
+    g = seeded()
+    shapes = [(6, 10), (10, 6), (6, 10), (8, 8), (3, 5)]
+    mine = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in mine]
+    starts = [p.detach().clone() for p in mine]
+    opts = [Muon(mine, lr=0.01, weight_decay=0.1),
+            torch.optim.Muon(ref, lr=0.01, weight_decay=0.1, adjust_lr_fn='match_rms_adamw')]
+    for _ in range(3):
+        grads = [torch.randn(*s, generator=g) for s in shapes]
+        for p, q, grad in zip(mine, ref, grads):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        for o in opts:
+            o.step()
+    for p, q, start in zip(mine, ref, starts):
+        assert torch.allclose(p, q, atol=1e-6) and not torch.allclose(p, start)
+    assert set(opts[0].state[mine[0]]) == {'momentum_buffer'}  # the state torch's Muon saves: old checkpoints resume
+    with pytest.raises(ValueError, match='2-D'):
+        Muon([torch.nn.Parameter(torch.ones(3))], lr=0.01)
 
 
 @pytest.mark.slow
