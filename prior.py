@@ -165,7 +165,11 @@ class Muon(torch.optim.Optimizer):
             raise ValueError('Muon takes 2-D weights only')
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for g in self.param_groups:
             params = [p for p in g['params'] if p.grad is not None]
             if not params:
@@ -187,6 +191,7 @@ class Muon(torch.optim.Optimizer):
                 scale = -g['lr'] * 0.2 * math.sqrt(cols)
                 for i, x in zip(idx, X):
                     params[i].add_(x if params[i].shape[0] == rows else x.T, alpha=scale)
+        return loss
 
 
 @dataclass

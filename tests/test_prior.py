@@ -317,6 +317,7 @@ def test_muon_takes_torch_muons_steps_in_batches():
     assert set(opts[0].state[mine[0]]) == {'momentum_buffer'}  # the state torch's Muon saves: old checkpoints resume
     with pytest.raises(ValueError, match='2-D'):
         Muon([torch.nn.Parameter(torch.ones(3))], lr=0.01)
+    assert opts[0].step(lambda: torch.tensor(2.0)) == 2.0  # a closure's loss comes back, as from torch's optimizers
 
 
 @pytest.mark.slow

@@ -120,7 +120,8 @@ def test_bench_steps_each_on_a_new_batch_that_the_models_share():
     args = SimpleNamespace(device='cpu', compile=False, warmup=1, iters=4)
     no_autocast = torch.autocast('cpu', enabled=False)
     times = bench.time_steps({n: Spy(n) for n in seen}, lambda: (next(batches), None), no_autocast, args)
-    assert [x.item() for x in seen['prior']] == [0, 1, 2, 3, 4] and all(map(torch.equal, seen['prior'], seen['baseline']))
+    assert [x.item() for x in seen['prior']] == [0, 1, 2, 3, 4]  # warm-up and timed steps, each a new batch
+    assert all(map(torch.equal, seen['prior'], seen['baseline']))  # the same one for both models
     assert set(times['prior']) == {'step', 'forward', 'backward', 'SGD'}
 
 
