@@ -91,8 +91,8 @@ def attend(q, k, v, causal: bool, dropout: float = 0.0):
     Sq of the Sk positions (context rows come first), and each sees the keys up to its own. SDPA (flash on
     GPU when Sq == Sk), except in bfloat16 on CPU, where PyTorch's flash kernel is slow at these head sizes
     and a plain matmul-softmax-matmul (the causal mask added inside the first matmul) makes the whole
-    training step 16-26 % faster; but not for the one
-    query of a KV cache's pass, where SDPA makes sampling 1.4-1.8x as fast (RESULTS.md)."""
+    training step 16-26 % faster; but not for the one query of a KV cache's pass, where SDPA makes sampling
+    1.4-1.8x as fast (RESULTS.md)."""
     Sq, Sk = q.shape[2], k.shape[2]
     causal = causal and Sq > 1  # one query (the KV cache's new token) sees every key
     if q.device.type != 'cpu' or q.dtype != torch.bfloat16 or Sq == 1:
