@@ -65,7 +65,24 @@ class CausalConv3d(nn.Module):
         self.conv = nn.Conv3d(cin, cout, kernel, stride=stride, padding=(0, kernel // 2, kernel // 2))
 
     def forward(self, x):  # (B, C, T, H, W)
-        return self.conv(F.pad(x, (0, 0, 0, 0, self.time_pad, 0)))
+        return self.conv(PadPast.apply(x, self.time_pad))
+
+
+class PadPast(torch.autograd.Function):
+    """n zero frames before x (B, C, T, H, W), whose gradient comes back laid out like x. F.pad's own is a
+    strided slice of the convolution's, on which the channels-last SiLU backward before it ran 9x slower:
+    the tokenizer's training step is 1.1x as fast with this (RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx, x, n: int):
+        ctx.n = n
+        ctx.layout = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else \
+            torch.contiguous_format
+        return F.pad(x, (0, 0, 0, 0, n, 0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[:, :, ctx.n:].contiguous(memory_format=ctx.layout), None
 
 
 def make_norm(dim: int, on: bool) -> nn.Module:

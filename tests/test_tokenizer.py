@@ -1,9 +1,20 @@
 import pytest
 import torch
 
-from tokenizer import FSQ, LFQ, Tokenizer, TokenizerConfig
+from tokenizer import FSQ, LFQ, PadPast, Tokenizer, TokenizerConfig
 
 TINY = dict(channels=8, ch_mult=(1, 2, 2), levels=(4, 3, 3))
+
+
+@pytest.mark.parametrize('layout', [torch.channels_last_3d, torch.contiguous_format])
+def test_past_padding_is_f_pad_with_the_gradient_laid_out_like_its_input(layout):
+    # F.pad's gradient is a strided slice, on which a channels-last SiLU backward ran 9x slower
+    x = torch.randn(2, 4, 5, 6, 6).to(memory_format=layout).requires_grad_()
+    y = PadPast.apply(x, 2)
+    assert torch.equal(y, torch.nn.functional.pad(x, (0, 0, 0, 0, 2, 0)))
+    g = torch.randn(y.shape).to(memory_format=torch.channels_last_3d)
+    grad, = torch.autograd.grad(y, x, g)
+    assert torch.equal(grad, g[:, :, 2:]) and grad.is_contiguous(memory_format=layout)
 
 
 def test_fsq_index_code_bijection():
