@@ -77,10 +77,16 @@ def alpha_sigma(logsnr):
 
 
 def attend(q, k, v, heads: int):
-    """Multi-head attention of q (N, Lq, C) over k, v (N, Lk, C): one SDPA call, no mask (flash on GPU)."""
+    """Multi-head attention of q (N, Lq, C) over k, v (N, Lk, C): one SDPA call, no mask (flash on GPU); in
+    bfloat16 on CPU a plain matmul-softmax-matmul, as PyTorch's CPU flash backward is 5-10x slower at these
+    sizes (RESULTS.md)."""
     N, Lq, C = q.shape
     q, k, v = (a.view(N, a.shape[1], heads, C // heads).transpose(1, 2) for a in (q, k, v))  # (N, h, L, C/h)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, Lq, C)
+    if q.device.type == 'cpu' and q.dtype == torch.bfloat16:
+        y = ((q * (C // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v  # softmax sums in float32 inside
+    else:
+        y = F.scaled_dot_product_attention(q, k, v)
+    return y.transpose(1, 2).reshape(N, Lq, C)
 
 
 def sinusoid(x, dim: int):
@@ -190,7 +196,7 @@ class SpaceTimeAttention(nn.Module):
             pos = sinusoid(torch.arange(T, device=x.device), C).to(ht.dtype)  # (T, C): which frame
             q, k, v = self.qkv_t(self.norm_t(ht) + pos).chunk(3, -1)
             ht = ht + self.proj_t(attend(q, k, v, self.heads))
-            h = ht.view(B, H * W, T, C).transpose(1, 2)  # (B, T, HW, C)
+            h = ht.view(B, H * W, T, C).transpose(1, 2).contiguous()  # (B, T, HW, C): channels-last when permuted
         return h.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)  # (B, C, T, H, W)
 
 

@@ -10,8 +10,8 @@ import eval as eval_script
 import prepare_data
 import sample
 import train
-from diffusion import (PIXEL_SHIFT, Diffusion, DiffusionConfig, Downsample, FrameNorm, alpha_sigma, logsnr_of,
-                       shift_times)
+from diffusion import (PIXEL_SHIFT, Diffusion, DiffusionConfig, Downsample, FrameNorm, SpaceTimeAttention,
+                       alpha_sigma, attend, logsnr_of, shift_times)
 
 TINY = dict(in_channels=4, grid=(3, 4, 4), text_vocab=20, text_len=4, channels=32, head_dim=16, text_dim=32,
             num_res_blocks=1, attn_res=4)
@@ -185,6 +185,29 @@ def test_image_pretrain_trains_on_one_frame_of_each_clip():
         assert all(f in (0, 1, 2) for f in frame.tolist())  # from its own clip
         frames.update(frame.tolist())
     assert frames == {0, 1, 2}  # a random frame each time
+
+
+def test_bfloat16_attention_on_cpu_matches_sdpa():
+    # in bfloat16 on CPU attend() is a plain matmul-softmax-matmul (PyTorch's CPU flash backward is 5-10x slower
+    # there): the values and gradients of SDPA in float32
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 16, 64, generator=g, requires_grad=True)
+    k, v = (torch.randn(3, 7, 64, generator=g, requires_grad=True) for _ in range(2))
+    heads = lambda a: a.view(3, a.shape[1], 4, 16).transpose(1, 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).reshape(3, 16, 64)
+    assert torch.allclose(attend(q, k, v, 4), ref, atol=1e-5)
+    out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), 4)
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=0.03)
+    for a, b in zip(torch.autograd.grad(ref.sum(), (q, k, v)), torch.autograd.grad(out.float().sum(), (q, k, v))):
+        assert torch.allclose(a, b, atol=0.05)
+
+
+@pytest.mark.parametrize('T', [1, 4])
+def test_space_time_attention_keeps_channels_last(T):
+    # a strided output made the norms, SiLUs and adds after it take slow paths (training 1.1x slower)
+    attn = SpaceTimeAttention(32, 2, 16)
+    x = torch.randn(2, 32, T, 4, 4).to(memory_format=torch.channels_last_3d)
+    assert attn(x, torch.randn(2, 5, 16)).is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_frame_norm_is_group_norm_of_each_frame_in_either_memory_format():
