@@ -49,9 +49,8 @@ step tokenizer python train.py --model=tokenizer --data "$TOK_DATA" --out_dir "$
     $(resume "$TOK") ${TOK_FLAGS:-}
 step superres python train.py --model=superres --data "$TOK_DATA" --out_dir "$SR" $(resume "$SR") ${SR_FLAGS:-}
 if [[ $MODE == diffusion ]]; then
-    # float32: on CPUs the latent UNet's small convolutions train 1.1-1.3x slower in bfloat16 (RESULTS.md)
     step diffusion python train.py --model=diffusion --data "$DATA" --tokenizer "$TOK/ckpt.pt" --out_dir "$PRIOR" \
-        --dtype float32 $(resume "$PRIOR") ${PRIOR_FLAGS:-}
+        $(resume "$PRIOR") ${PRIOR_FLAGS:-}
 else
     step prior python train.py --model=prior --mode=$MODE --data "$DATA" --tokenizer "$TOK/ckpt.pt" --out_dir "$PRIOR" \
         --max_iters 2500 --compile $(resume "$PRIOR") ${PRIOR_FLAGS:-}
