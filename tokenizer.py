@@ -65,7 +65,7 @@ class CausalConv3d(nn.Module):
         self.conv = nn.Conv3d(cin, cout, kernel, stride=stride, padding=(0, kernel // 2, kernel // 2))
 
     def forward(self, x):  # (B, C, T, H, W)
-        return self.conv(PadPast.apply(x, self.time_pad))
+        return self.conv(PadPast.apply(x, self.time_pad) if self.time_pad else x)
 
 
 class PadPast(torch.autograd.Function):
