@@ -91,11 +91,11 @@ def attend(q, k, v, causal: bool, dropout: float = 0.0):
     Sq of the Sk positions (context rows come first), and each sees the keys up to its own. SDPA (flash on
     GPU when Sq == Sk), except in bfloat16 on CPU, where PyTorch's flash kernel is slow at these head sizes
     and a plain matmul-softmax-matmul (the causal mask added inside the first matmul) makes the whole
-    training step 16-26 % faster; but not for the one query of a KV cache's pass, where SDPA makes sampling
-    1.4-1.8x as fast (RESULTS.md)."""
+    training step 16-26 % faster; but not without gradients (sampling, validation), where SDPA's forward is
+    the faster (mask sampling 1.4x, the one query of a KV cache's pass 1.4-1.8x: RESULTS.md)."""
     Sq, Sk = q.shape[2], k.shape[2]
     causal = causal and Sq > 1  # one query (the KV cache's new token) sees every key
-    if q.device.type != 'cpu' or q.dtype != torch.bfloat16 or Sq == 1:
+    if q.device.type != 'cpu' or q.dtype != torch.bfloat16 or Sq == 1 or not torch.is_grad_enabled():
         # a mask only where is_causal's alignment (query i sees keys <= i) is not the one wanted
         sees = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(Sk - Sq) if causal and Sq != Sk else None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=sees, is_causal=causal and sees is None,
