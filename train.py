@@ -87,10 +87,19 @@ def field_help(cls) -> dict[str, str]:
     return helps
 
 
+def parse_bool(text: str) -> bool:
+    """1/0, true/false, yes/no (bool('0') would be True)."""
+    word = text.strip().lower()
+    if word not in ('1', '0', 'true', 'false', 'yes', 'no'):
+        raise ValueError(text)
+    return word in ('1', 'true', 'yes')
+
+
 def parse_tuple(kind):
+    convert = parse_bool if kind is bool else kind
     def parse(text):
         try:
-            return tuple(kind(v) for v in text.split(',') if v.strip())
+            return tuple(convert(v) for v in text.split(',') if v.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got '{text}'") from None
     return parse

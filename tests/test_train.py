@@ -93,12 +93,18 @@ def test_resume_refuses_mismatches_and_takes_a_new_recipe(data, tmp_path, capsys
     (['--first_prob', '0.5'], '--first_prob was removed; use --image_share'),
     (['--beta1', '0.8'], '--beta1 was removed; use --betas B1,B2'),
     (['--levels', 'a,b'], 'expected comma-separated ints'),
+    (['--down_time', '1,maybe'], 'expected comma-separated bools'),
 ])
 def test_bad_flags(data, tmp_path, capsys, flags, words):
     code, log = run_train(capsys, '--model=tokenizer', '--data', data, '--out_dir', str(tmp_path / 'o'), '--max_iters',
                           '1', *flags)
     assert code == 2 and words in log and 'Traceback' not in log, log
     assert not os.path.exists(tmp_path / 'o' / 'ckpt.pt')
+
+
+def test_bool_tuples_parse_words_and_digits():
+    parse = train.parse_tuple(bool)
+    assert parse('1,0') == parse('True,false') == parse('yes, no') == (True, False)
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(data, tmp_path, capsys):
