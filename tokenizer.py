@@ -324,6 +324,9 @@ class TokenizerConfig:
     lecam_decay: float = 0.99  # EMA decay of the discriminator outputs that LeCAM anchors to
     # the training recipe (train.py's defaults for a tokenizer; a resumed run may change lr, batch_size, max_iters, ema)
     resolution: int = 32  # train on clips area-downsampled to this square size (0 = the data's)
+    crop: int = 24  # train on a square of this many pixels from each clip, near its content (0: whole frames):
+    #                 a step takes 0.67x the time, and the priors read the codes as well: RESULTS.md
+    crop_steps: float = 0.85  # the share of max_iters trained on crops; the rest on whole frames
     optimizer: str = 'adamw'  # adamw (the only choice: Muon's orthogonal steps are for the prior's matrices)
     lr: float = 1e-3  # peak learning rate (2e-3 collapsed the codebook once: RESULTS.md)
     weight_decay: float = 0.0  # on convolution and linear weights
@@ -362,6 +365,11 @@ class Tokenizer(nn.Module):
             raise ValueError(f'the bottleneck width {c.channels * c.ch_mult[-1]} must divide by n_head {c.n_head}')
         if c.optimizer != 'adamw':
             raise ValueError(f"the tokenizer trains with optimizer 'adamw' (Muon is for the prior), got {c.optimizer!r}")
+        fs = c.patch_size * 2 ** sum(c.down_space)
+        if c.crop < 0 or c.crop % fs:
+            raise ValueError(f'crop {c.crop} must be 0 (whole frames) or a multiple of the spatial factor {fs}')
+        if not 0 <= c.crop_steps <= 1:
+            raise ValueError(f'crop_steps {c.crop_steps} is a share of max_iters: between 0 and 1')
         self.config = c
         self.encoder, self.decoder = Encoder(c), Decoder(c)
         self.quant = FSQ(c.levels) if c.quantizer == 'fsq' else LFQ(c.lfq_dim, c.entropy_weight, c.commit_weight)
@@ -383,7 +391,7 @@ class Tokenizer(nn.Module):
     def from_checkpoint(cls, ckpt: dict, use_ema: bool = True) -> 'Tokenizer':
         """The tokenizer a train.py checkpoint holds (or the 'tokenizer' entry of a prior's), with its EMA
         weights where the run kept them."""
-        model = cls(TokenizerConfig(**ckpt['config']))
+        model = cls(TokenizerConfig(**{'crop': 0, **ckpt['config']}))  # checkpoints before crop trained on whole frames
         model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model'])
         return model
 
@@ -416,10 +424,30 @@ class Tokenizer(nn.Module):
     def forward(self, x, text=None, step: int = 0):
         """Reconstruct x (B, 3, T, H, W) or (B, 3, H, W); the loss is reconstruction (+ quantizer terms, + GAN
         terms when training with step >= the starts). text is not read. Returns (reconstruction, loss)."""
+        if self.training and x.ndim == 5 and step < self.config.crop_steps * self.config.max_iters:
+            x = self.crop(x)
         if self.disc is not None and torch.is_grad_enabled():
             return self.forward_gan(x, step)
         rec, loss, _ = self.reconstruct(x)
         return rec, loss
+
+    @torch.compiler.disable  # eager: compiled, each crop's offsets would be a new graph
+    def crop(self, x):
+        """A square of config.crop pixels from each clip (B, 3, T, H, W), centred where the clip differs most
+        from its mean colour (squared; on shapes, the object's path), then moved at random by up to half the
+        room the frame leaves; x itself where the frame is no larger."""
+        n, (H, W) = self.config.crop, x.shape[3:]
+        if not 0 < n < min(H, W):
+            return x
+        weight = (x.float() - x.float().mean((2, 3, 4), keepdim=True)).pow(2).sum((1, 2))  # (B, H, W)
+        total = weight.sum((1, 2)) + 1e-6
+        starts = []
+        for size, profile in ((H, weight.sum(2)), (W, weight.sum(1))):  # rows, then columns
+            centre = (profile * torch.arange(size, device=x.device)).sum(1) / total  # (B,)
+            room = (size - n) // 2
+            jitter = torch.randint(-room, room + 1, centre.shape, device=x.device)
+            starts.append(((centre - (n - 1) / 2).round().long() + jitter).clamp(0, size - n).tolist())
+        return torch.stack([clip[..., r:r + n, c:c + n] for clip, r, c in zip(x, *starts)])
 
     def reconstruct(self, x):
         """(reconstruction, reconstruction + quantizer loss, (x, reconstruction and loss as videos))."""

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -135,7 +137,30 @@ def test_gan_step_updates_both_networks():
     assert set(m2.last_losses) == {'rec'} and all(p.grad.abs().sum() == 0 for p in m2.disc.parameters())
 
 
+def test_training_crops_a_square_around_the_content_then_whole_frames():
+    torch.manual_seed(0)
+    m = Tokenizer(TokenizerConfig(**TINY, crop=24, crop_steps=0.5, max_iters=10))
+    x = torch.zeros(3, 3, 5, 32, 32) - 1
+    x[:, :, :, 2:5, 26:29] = 1  # an object near the top right corner: every crop must hold it
+    assert torch.equal(m.crop(x), x[..., :24, 8:])
+    x = torch.rand(64, 3, 1, 32, 32)  # content everywhere: the crops spread over the room there is
+    starts = {(int(c[0, 0, 0, 0] * 1e6), int(c[0, 0, 0, 1] * 1e6)) for c in m.crop(x)}
+    assert len(starts) > 20
+    x = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    assert m(x, None, step=4)[0].shape[-2:] == (24, 24)  # the first half of the steps on crops
+    assert m(x, None, step=5)[0].shape[-2:] == (32, 32)  # then whole frames
+    assert m(x[..., :16, :16], None, step=0)[0].shape[-2:] == (16, 16)  # frames no larger than crop: whole
+    m.eval()
+    assert m(x, None, step=0)[0].shape[-2:] == (32, 32)  # evaluation sees whole frames
+    old = {k: v for k, v in dataclasses.asdict(m.config).items() if k not in ('crop', 'crop_steps')}
+    assert Tokenizer.from_checkpoint({'config': old, 'model': m.state_dict()}).config.crop == 0  # as it trained
+
+
 def test_bad_config_errors():
+    with pytest.raises(ValueError, match='multiple of the spatial factor 4'):
+        Tokenizer(TokenizerConfig(crop=10))
+    with pytest.raises(ValueError, match='crop_steps 2 is a share'):
+        Tokenizer(TokenizerConfig(crop_steps=2))
     with pytest.raises(ValueError, match='down_time'):
         Tokenizer(TokenizerConfig(ch_mult=(1, 2)))
     with pytest.raises(ValueError, match="'fsq' or 'lfq'"):
