@@ -325,7 +325,7 @@ class TokenizerConfig:
     # the training recipe (train.py's defaults for a tokenizer; a resumed run may change lr, batch_size, max_iters, ema)
     resolution: int = 32  # train on clips area-downsampled to this square size (0 = the data's)
     crop: int = 24  # train on a square of this many pixels from each clip, near its content (0: whole frames):
-    #                 a step takes 0.67x the time, and the priors read the codes as well: RESULTS.md
+    #                 a step takes 0.71-0.87x the time, and the priors read the codes as well: RESULTS.md
     crop_steps: float = 0.85  # the share of max_iters trained on crops; the rest on whole frames
     optimizer: str = 'adamw'  # adamw (the only choice: Muon's orthogonal steps are for the prior's matrices)
     lr: float = 1e-3  # peak learning rate (2e-3 collapsed the codebook once: RESULTS.md)
