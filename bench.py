@@ -134,6 +134,7 @@ def get_args(argv=None):
     sample.add_sampling_flags(p)
     args = p.parse_args(argv)
     args.device = train.auto_device(args.device)
+    train.flush_denormals(args.device)  # as train.py does
     config = cfg_cls(**train.config_overrides(args, cfg_cls))
     if getattr(config, 'in_channels', None) == 0:  # diffusion's data sizes, as train.py sets them on shapes
         latent, res = config.space == 'latent', config.resolution or 32

@@ -341,6 +341,7 @@ def main(argv=None) -> int:
             return 2
     args.device = train.auto_device(args.device)
     args.dtype = train.auto_dtype(args.dtype, args.device)
+    train.flush_denormals(args.device)
     try:
         ckpt = train.read_checkpoint(args.ckpt, 'train one with python train.py (see README.md)')
         model = train.load_model(ckpt, args.device)

@@ -297,6 +297,7 @@ def main(argv=None) -> int:
 def run(args):
     args.device = train.auto_device(args.device)
     args.dtype = train.auto_dtype(args.dtype, args.device)
+    train.flush_denormals(args.device)
     model, tok, ckpt = load(args.ckpt, args.device)
     upsamplers = load_upsamplers(args.superres, args.device)
     settings = model.settings(**{k: getattr(args, k, None) for k in SETTINGS})  # checked, defaults filled in
