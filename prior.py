@@ -227,8 +227,9 @@ class PriorConfig:
     weight_decay: float = 0.1  # on matrices and embeddings, not on biases, norms or positions
     betas: tuple = (0.9, 0.99)  # AdamW's betas
     batch_size: int = 8  # clips per micro-step per process
-    max_iters: int = 0  # optimizer steps in total; 0: the mode's, 2000 for ar (its held-out phrasings read better
-    #                     than at 2500, as accurate otherwise: RESULTS.md) and 2500 for mask
+    max_iters: int = 0  # optimizer steps in total; 0: the mode's, 2000 for ar (0.8x the time of 2500, captions and
+    #                     stories 1-2 points lower, held-out phrasings 1-3 higher) and 2500 for mask (at 2000 it lost
+    #                     10 points): RESULTS.md
     ema: float = 0.99  # decay of the weight copy that evaluation and sampling use (0 = none)
 
     def __post_init__(self):  # the mode's defaults, resolved here so that train.py and checkpoints see them
