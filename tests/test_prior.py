@@ -290,8 +290,22 @@ def test_overfit_one_batch_and_sample_it_back(mode, optimizer):
     settings = dict(cfg=1.0, temperature=0) if mode == 'ar' else dict(cfg=1.0, temperature=0, steps=6, first_steps=2)
     assert torch.equal(m.sample(text, **settings), codes)  # it learnt both clips by heart
     with torch.autocast('cpu', torch.bfloat16):  # and bfloat16 sampling (ar: the KV cache) draws them the same
-        assert torch.equal(m.sample(text, **settings), codes)
         assert torch.equal(m.sample(text, **dict(settings, temperature=1.0), generator=seeded()), codes)
+        many = text.repeat(8, 1)  # 16 videos, which ar's KV cache decodes in bfloat16 (fewer in float32)
+        assert torch.equal(m.sample(many, **settings), codes.repeat(8, 1, 1, 1))
+
+
+@pytest.mark.parametrize('videos,kv_cache,dtype', [(2, True, torch.float32), (16, True, torch.bfloat16),
+                                                   (2, False, torch.bfloat16)])
+def test_ar_decodes_few_videos_in_float32_on_cpu(videos, kv_cache, dtype):
+    # a bfloat16 matmul of a few rows is slower on CPU than a float32 one: under bfloat16 autocast fewer than
+    # 16 videos decode token by token in float32; more, or without the cache (whole sequences), in bfloat16
+    m = Prior(PriorConfig(**TINY)).eval()
+    seen, logits = [], m.logits
+    m.logits = lambda x: seen.append(logits(x).dtype) or logits(x)
+    with torch.autocast('cpu', torch.bfloat16):
+        m.sample(torch.randint(TINY['text_vocab'], (videos, TINY['text_len'])), cfg=1.0, kv_cache=kv_cache)
+    assert set(seen) == {dtype}
 
 
 def test_bad_config():
