@@ -257,7 +257,14 @@ def load_model(ckpt: dict, device: str, use_ema: bool = True):
             raise
         raise TrainError(f"this {ckpt['model_type']} checkpoint's config has a field this version does not know "
                          f"({unknown[1]}): load it with the version of the code that wrote it") from None
-    return model.to(device).eval()
+    return for_inference(model, device)
+
+
+def for_inference(model, device: str):
+    """model in eval mode on device; on CPU channels-last, as it trained: oneDNN's 3D convolutions run faster so
+    (the tokenizer encodes 1.3x and the upsampler upsamples 1.7x as fast: RESULTS.md)."""
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last_3d) if device.split(':')[0] == 'cpu' else model
 
 
 def save_checkpoint(path: str, ckpt: dict) -> None:
