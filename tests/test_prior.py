@@ -319,6 +319,7 @@ def test_bad_config():
     with pytest.raises(ValueError, match='text_layers -2 is a number of blocks'):
         Prior(PriorConfig(**TINY, text_layers=-2))
     assert [PriorConfig(mode=m).lr for m in ('ar', 'mask')] == [6e-3, 3e-3]  # lr 0: the mode's
+    assert [PriorConfig(mode=m).max_iters for m in ('ar', 'mask')] == [2000, 2500]
     m = Prior(PriorConfig(**TINY))
     text, codes = batch()
     with pytest.raises(ValueError, match='text must be'):
