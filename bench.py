@@ -164,9 +164,7 @@ def fake_batch(model, config, args):
 def main(argv=None) -> dict:
     args, config = get_args(argv)
     torch.manual_seed(0)
-    model = train.MODELS[args.model][1](config).to(args.device)
-    if args.device == 'cpu':
-        model = model.to(memory_format=torch.channels_last_3d)
+    model = train.to_device(train.MODELS[args.model][1](config), args.device)
     x, ids = fake_batch(model, config, args)
     ctx = train.autocast(args.device, args.dtype)
     threads = f'{torch.get_num_threads()} threads' if args.device == 'cpu' else args.device

@@ -101,7 +101,7 @@ def tokenizer_of(model, ckpt: dict, device: str):
     """The tokenizer whose codes or latents a model reads, which its checkpoint carries; None for a model of pixels."""
     if model.reads == 'pixels':
         return None
-    return train.for_inference(tokenizer.Tokenizer.from_checkpoint(ckpt['tokenizer']), device)
+    return train.to_device(tokenizer.Tokenizer.from_checkpoint(ckpt['tokenizer']), device).eval()
 
 
 def encode_prompts(prompts: list[str], meta: dict) -> torch.Tensor:
