@@ -16,13 +16,15 @@ original's four attributes. A generator makes --samples_per_prompt videos for ea
 captions (all 192 by default): per-attribute and all-four accuracy and the invalid share, overall and apart
 for the combinations its training data held out, and the seconds per video; --phrasing held_out words the
 prompts in phrasings no training caption uses, and reports each apart (phrasing_1 ... in the order of
-prepare_data.HELD_OUT_PHRASINGS). --story measures two-prompt stories. With --given, a generator is
+prepare_data.HELD_OUT_PHRASINGS). It also counts the commonest mistakes: an attribute asked and read ('square
+as circle'), or the reader's reason for an invalid video ('no object (invalid)'). --story measures two-prompt stories. With --given, a generator is
 given the first frame (first) or the first and last frames (ends, diffusion only) of --n validation clips with
 their captions: the PSNR of the given frames as they come back (put back as given, as sample.py does) and of
 the first one as the model's own decoder makes it, the caption accuracy of the videos, and for ends
 the PSNR of the frames between against the real clip and against a linear cross-fade of the two given frames.
 """
 import argparse
+import collections
 import json
 import sys
 import time
@@ -170,7 +172,8 @@ def eval_generator(model, tok, ckpt: dict, args, settings: dict) -> dict:
             if upsamplers:
                 big.append(prepare_data.to_uint8(sample.upsample(made, upsamplers, g_sr, args.sr_noise)))
     videos = np.concatenate(videos)
-    out = {'all_prompts': prepare_data.caption_accuracy(videos, prompts)}
+    mistakes = collections.Counter()
+    out = {'all_prompts': prepare_data.caption_accuracy(videos, prompts, mistakes)}
     if upsamplers:  # the same videos after the upsamplers, read at their new size
         out['superres'] = prepare_data.caption_accuracy(np.concatenate(big), prompts)
 
@@ -185,6 +188,7 @@ def eval_generator(model, tok, ckpt: dict, args, settings: dict) -> dict:
         for i in np.unique(which[which >= 0]):
             out[f'phrasing_{i + 1}'] = part(which == i)
     out['phrasing'] = args.phrasing
+    out['mistakes'] = dict(mistakes.most_common(8))  # the commonest ways a video missed its caption, with counts
     out['seconds_per_video'] = (time.time() - t0) / len(prompts)
     return out
 

@@ -380,8 +380,9 @@ def parse_caption(text: str) -> dict:
     return attrs
 
 
-def caption_accuracy(videos, prompts) -> dict:
-    """Share of videos whose colour, shape, size, motion (and all four) match their prompt, and the invalid share."""
+def caption_accuracy(videos, prompts, mistakes: collections.Counter | None = None) -> dict:
+    """Share of videos whose colour, shape, size, motion (and all four) match their prompt, and the invalid share.
+    mistakes, if given, counts what went wrong: 'square as circle' (asked, read), 'no object (invalid)'."""
     hits = collections.Counter()
     n = 0
     for video, prompt in zip(videos, prompts):
@@ -389,10 +390,14 @@ def caption_accuracy(videos, prompts) -> dict:
         n += 1
         if not got['valid']:
             hits['invalid'] += 1
+            if mistakes is not None:  # the reader's reason without its frame or figures
+                mistakes[re.sub(r' (in frame \d+|\(.*\))$', '', got['reason']) + ' (invalid)'] += 1
             continue
         ok = [got[a] == want.get(a) for a in ATTRIBUTES]
         for a, o in zip(ATTRIBUTES, ok):
             hits[a] += o
+            if mistakes is not None and not o:
+                mistakes[f'{want.get(a)} as {got[a]}'] += 1
         hits['all'] += all(ok)
     return {k: hits[k] / max(n, 1) for k in (*ATTRIBUTES, 'all', 'invalid')} | {'n': n}
 

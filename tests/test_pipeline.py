@@ -341,6 +341,9 @@ def test_eval_prior_cli(run_dir, tmp_path, run):
     acc = json.load(open(tmp_path / 'acc.json'))
     assert acc['all_prompts']['n'] == 3 and 0 <= acc['all_prompts']['all'] <= 1
     assert 'invalid' in acc['all_prompts'] and 'seconds_per_video' in acc
+    mistakes, wrong = acc['mistakes'], round((1 - acc['all_prompts']['all']) * 3)  # each wrong video counts once or more
+    assert all(m.endswith(' (invalid)') or ' as ' in m for m in mistakes) and 'mistakes:' in log
+    assert sum(mistakes.values()) >= wrong and (wrong == 0) == (mistakes == {})
     assert acc['settings']['refine_steps'] == 2 and acc['settings']['first_steps'] == 0  # recorded, not None
     code, log = run(eval_script, '--ckpt', str(run_dir / 'ar' / 'ckpt.pt'), '--refine_steps', '1')
     assert code == 2 and 'refine_steps is a setting of mask priors' in log and 'Traceback' not in log

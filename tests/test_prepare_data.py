@@ -1,5 +1,6 @@
 import gzip
 import io
+import collections
 import json
 import os
 import subprocess
@@ -111,9 +112,12 @@ def test_caption_accuracy_counts():
     prompts = [pd.caption(c['attrs']) for c in clips]
     prompts[1] = prompts[1].replace(clips[1]['attrs']['motion'], 'left' if clips[1]['attrs']['motion'] != 'left' else 'right')
     videos[3] = 0
-    acc = pd.caption_accuracy(videos, prompts)
+    mistakes = collections.Counter()
+    acc = pd.caption_accuracy(videos, prompts, mistakes)
     assert acc['n'] == 4 and acc['invalid'] == 0.25 and acc['all'] == 0.5
     assert acc['color'] == acc['shape'] == acc['size'] == 0.75 and acc['motion'] == 0.5
+    asked = pd.parse_caption(prompts[1])['motion']  # what went wrong: the motion asked and read, the empty video
+    assert mistakes == {f"{asked} as {clips[1]['attrs']['motion']}": 1, 'no object (invalid)': 1}
 
 
 def test_shapes_format_round_trip_holdout_and_paraphrases(tmp_path):

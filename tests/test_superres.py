@@ -210,7 +210,7 @@ def test_train_sample_eval(runs, tmp_path, run):
 def test_sr_noise_leaves_the_generated_videos_as_they_were(runs, run, monkeypatch):
     seen = []
     real = prepare_data.caption_accuracy
-    monkeypatch.setattr(prepare_data, 'caption_accuracy', lambda v, p: seen.append(v.copy()) or real(v, p))
+    monkeypatch.setattr(prepare_data, 'caption_accuracy', lambda v, p, *rest: seen.append(v.copy()) or real(v, p, *rest))
     for noise in ('0', '0.5'):  # batches of one: the second video comes after the first one's upsampling noise
         code, log = run(eval_script, '--ckpt', str(runs / 'ar' / 'ckpt.pt'), '--n_prompts', '2', '--samples_per_prompt',
                         '1', '--batch_size', '1', '--superres', str(runs / 'space' / 'ckpt.pt'), '--sr_noise', noise)
