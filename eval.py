@@ -13,15 +13,16 @@ Measure a trained model on the validation split.
 A codec (the tokenizer) reconstructs --n validation clips: PSNR and SSIM (mean over clips), the share of the
 codebook in use, and, on shapes data, the share of reconstructions that the shapes reader reads back with the
 original's four attributes. A generator makes --samples_per_prompt videos for each of --n_prompts shapes
-captions (all 192 by default): per-attribute and all-four accuracy and the invalid share, overall and apart
-for the combinations its training data held out, and the seconds per video; --phrasing held_out words the
-prompts in phrasings no training caption uses, and reports each apart (phrasing_1 ... in the order of
-prepare_data.HELD_OUT_PHRASINGS). It also counts the commonest mistakes: an attribute asked and read ('square
-as circle'), or the reader's reason for an invalid video ('no object (invalid)'). --story measures two-prompt
-stories. With --given, a generator is given the first frame (first) or the first and last frames (ends, diffusion only) of --n validation clips with
-their captions: the PSNR of the given frames as they come back (put back as given, as sample.py does) and of
-the first one as the model's own decoder makes it, the caption accuracy of the videos, and for ends
-the PSNR of the frames between against the real clip and against a linear cross-fade of the two given frames.
+captions (all 192 by default): per-attribute and all-four accuracy and the invalid share, overall and apart for
+the combinations its training data held out, and the seconds per video; --phrasing held_out words the prompts in
+phrasings no training caption uses, and reports each apart (phrasing_1 ... in the order of
+prepare_data.HELD_OUT_PHRASINGS). It also counts the commonest mistakes: an attribute asked and read ('square as
+circle'), or the reader's reason for an invalid video ('no object (invalid)'). --story measures two-prompt
+stories. With --given, a generator is given the first frame (first) or the first and last frames (ends,
+diffusion only) of --n validation clips with their captions: the PSNR of the given frames as they come back (put
+back as given, as sample.py does) and of the first one as the model's own decoder makes it, the caption accuracy
+of the videos, and for ends the PSNR of the frames between against the real clip and against a linear cross-fade
+of the two given frames.
 """
 import argparse
 import collections
