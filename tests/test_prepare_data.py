@@ -1,6 +1,6 @@
+import collections
 import gzip
 import io
-import collections
 import json
 import os
 import subprocess
