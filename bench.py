@@ -101,7 +101,7 @@ class PlainGPT(nn.Module):
         rest = [p for n, p in named if all(p is not q for q in hidden)]
         groups = [{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': c.weight_decay},
                   {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}]
-        adamw = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=device_type == 'cuda')
+        adamw = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=device_type in ('cuda', 'cpu'))
         if not hidden:
             return [adamw]
         return [adamw, prior.Muon(hidden, lr=c.lr, weight_decay=c.weight_decay)]

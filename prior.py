@@ -422,7 +422,7 @@ class Prior(nn.Module):
         pick = lambda keep: [p for n, p in named if keep(id(p))]
         groups = [{'params': pick(lambda i: i in decay), 'weight_decay': c.weight_decay},
                   {'params': pick(lambda i: i not in decay and i not in hidden), 'weight_decay': 0.0}]
-        adamw = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=device_type == 'cuda')
+        adamw = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=device_type in ('cuda', 'cpu'))
         if not muon:
             return [adamw]
         return [adamw, Muon(pick(lambda i: i in hidden), lr=c.lr, weight_decay=c.weight_decay)]

@@ -243,7 +243,7 @@ class SuperRes(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': c.weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-        return [torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=device_type == 'cuda')]
+        return [torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=device_type in ('cuda', 'cpu'))]
 
     @torch.no_grad()
     def sample(self, text, x, generator: torch.Generator | None = None, noise: float = 0.0):

@@ -508,7 +508,7 @@ class Tokenizer(nn.Module):
                   {'params': [p for n, p in gen if p.dim() < 2], 'weight_decay': 0.0}]
         if self.disc is not None:
             groups.append({'params': list(self.disc.parameters()), 'weight_decay': 0.0})
-        return [torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=device_type == 'cuda')]
+        return [torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=device_type in ('cuda', 'cpu'))]
 
     @torch.no_grad()
     def sample(self, text, x, generator=None):
